@@ -1,0 +1,1 @@
+"""Backends: tiers, instances, the upstream HTTP client, tokenization and the vLLM simulator."""

