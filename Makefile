@@ -1,0 +1,43 @@
+# tiergate — `make run` and `make test` set everything up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint typecheck check bench-overhead bench-sim clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install tiergate with dev tools
+
+run: $(STAMP) ## start tiergate on http://127.0.0.1:$(PORT) with embedded valkey and simulated Qwen3 tiers
+	$(BIN)/tiergate serve --port $(PORT)
+
+test: $(STAMP) ## run the whole test suite (real valkey/redis, simulator over sockets)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check router backends policies tests bench
+
+typecheck: $(STAMP) ## mypy --strict on router, backends, policies
+	$(BIN)/mypy
+
+check: lint typecheck test ## lint, typecheck and test
+
+bench-overhead: $(STAMP) ## router overhead vs direct (bench/overhead.py)
+	$(BIN)/python bench/overhead.py
+
+bench-sim: $(STAMP) ## simulator calibration table (bench/sim_calibration.py)
+	$(BIN)/python bench/sim_calibration.py
+
+clean: ## remove the venv and local data
+	rm -rf $(VENV) .tiergate .pytest_cache .mypy_cache .ruff_cache

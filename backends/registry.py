@@ -1,0 +1,85 @@
+"""Runtime tiers and instances: what the policy names, plus live state counted at dispatch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from policies.schema import Policy, TierSpec
+from policies.types import Candidate
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class InstanceState:
+    tier: str
+    instance_id: str
+    url: str
+    in_flight: int = 0
+    healthy: bool = True          # last active probe
+    ejected_until: float = 0.0    # passive ejection after connect errors / 5xx
+    consecutive_failures: int = 0
+    served: int = 0
+
+    def serving(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+
+@dataclass
+class TierRuntime:
+    name: str
+    spec: TierSpec
+    instances: list[InstanceState] = field(default_factory=list)
+
+
+class Registry:
+    """Tiers and instances of the active policy. Not shared across processes (v1)."""
+
+    def __init__(self, policy: Policy, urls: dict[str, list[tuple[str, str]]] | None = None,
+                 clock: Clock = time.monotonic, eject_base_s: float = 5.0, failures_to_eject: int = 3) -> None:
+        self.clock = clock
+        self.eject_base_s = eject_base_s
+        self.failures_to_eject = failures_to_eject
+        self.tiers: dict[str, TierRuntime] = {}
+        for name, spec in policy.tiers.items():
+            pairs = [(i.id, i.url) for i in spec.instances] or (urls or {}).get(name, [])
+            self.tiers[name] = TierRuntime(name, spec, [InstanceState(name, iid, url.rstrip("/"))
+                                                        for iid, url in pairs])
+
+    def candidates(self, tiers: tuple[str, ...]) -> list[Candidate]:
+        now = self.clock()
+        out = []
+        for t in tiers:
+            rt = self.tiers.get(t)
+            if rt is None:
+                continue
+            p = rt.spec.prices
+            for inst in rt.instances:
+                out.append(Candidate(tier=t, instance_id=inst.instance_id, max_model_len=rt.spec.max_model_len,
+                                     price_input=p.input, price_cached_input=p.cached_input,
+                                     price_output=p.output, healthy=inst.serving(now),
+                                     in_flight=inst.in_flight))
+        return out
+
+    def instance(self, tier: str, instance_id: str) -> InstanceState:
+        for inst in self.tiers[tier].instances:
+            if inst.instance_id == instance_id:
+                return inst
+        raise KeyError(f"{tier}/{instance_id}")
+
+    def all_instances(self) -> list[InstanceState]:
+        return [i for rt in self.tiers.values() for i in rt.instances]
+
+    def record_success(self, inst: InstanceState) -> None:
+        inst.consecutive_failures = 0
+
+    def record_failure(self, inst: InstanceState) -> None:
+        inst.consecutive_failures += 1
+        if inst.consecutive_failures >= self.failures_to_eject:
+            inst.ejected_until = self.clock() + self.eject_base_s
+
+    def any_reachable(self) -> bool:
+        now = self.clock()
+        return any(i.serving(now) for i in self.all_instances())

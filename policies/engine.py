@@ -1,0 +1,55 @@
+"""The profile engine: filters, then weighted scorers, then a picker. Pure: no I/O."""
+
+from __future__ import annotations
+
+from policies.registry import KNOWN_FILTERS, KNOWN_PICKERS, KNOWN_SCORERS, build
+from policies.schema import Policy, ProfileSpec
+from policies.types import Candidate, Filter, Picker, PluginResult, RoutingDecision, RoutingRequest, Scorer
+
+
+class Profile:
+    def __init__(self, name: str, filters: list[Filter], scorers: list[tuple[Scorer, float]],
+                 picker: Picker) -> None:
+        self.name = name
+        self.filters = filters
+        self.scorers = scorers
+        self.picker = picker
+
+    @classmethod
+    def from_spec(cls, name: str, spec: ProfileSpec) -> Profile:
+        filters = [build(KNOWN_FILTERS, f.type, dict(f.params)) for f in spec.filters]
+        scorers = [(build(KNOWN_SCORERS, s.type, dict(s.params)), s.weight) for s in spec.scorers]
+        picker = build(KNOWN_PICKERS, spec.picker.type, dict(spec.picker.params))
+        return cls(name, filters, scorers, picker)
+
+    def decide(self, req: RoutingRequest, candidates: list[Candidate]) -> RoutingDecision:
+        reasons: list[PluginResult] = []
+        rejected: dict[str, str] = {}
+        cands = list(candidates)
+        for f in self.filters:
+            kept, why = f.filter(req, cands)
+            kept_keys = {c.key for c in kept}
+            for c in cands:
+                if c.key not in kept_keys:
+                    rejected[c.key] = f.name
+            cands = kept
+            reasons.append(PluginResult(f.name, why))
+        scores: dict[str, dict[str, float]] = {c.key: {} for c in cands}
+        totals = [0.0] * len(cands)
+        if cands:
+            for scorer, weight in self.scorers:
+                vals, why = scorer.score(req, cands)
+                for i, (c, v) in enumerate(zip(cands, vals, strict=True)):
+                    scores[c.key][scorer.name] = v
+                    totals[i] += weight * v
+                reasons.append(PluginResult(scorer.name, why))
+        order, why = self.picker.pick(req, cands, totals)
+        reasons.append(PluginResult(self.picker.name, why))
+        ranked = [cands[i] for i in order]
+        return RoutingDecision(chosen=ranked[0] if ranked else None, ranked=ranked, scores=scores,
+                               totals={cands[i].key: totals[i] for i in range(len(cands))},
+                               reasons=reasons, rejected=rejected)
+
+
+def build_profiles(policy: Policy) -> dict[str, Profile]:
+    return {name: Profile.from_spec(name, spec) for name, spec in policy.profiles.items()}

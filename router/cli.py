@@ -1,0 +1,112 @@
+"""`tiergate` command line: serve, sim, policy check, keys new."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from policies.schema import PolicyError, load_policy
+    from router.app import create_app
+    from router.logs import configure_logging, get_logger
+    from router.settings import Settings
+    from router.stack import EmbeddedStack
+
+    settings = Settings.from_env(policy_path=args.policy, host=args.host, port=args.port, redis_url=args.redis_url,
+                                 http_client=args.http_client)
+    configure_logging(settings.log_level)
+    try:
+        policy = load_policy(settings.policy_path)
+    except PolicyError as exc:
+        print(f"policy error: {exc}", file=sys.stderr)
+        return 2
+    data_dir = Path(settings.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stack = EmbeddedStack(data_dir)
+    try:
+        if settings.redis_url is None:
+            settings.redis_url = stack.start_valkey()
+        urls = stack.start_sims(policy, settings.host if settings.host != "0.0.0.0" else "127.0.0.1")
+        app = create_app(settings, policy=policy, instance_urls=urls)
+        get_logger("tiergate").info("listening", url=f"http://{settings.host}:{settings.port}",
+                                    redis="embedded" if stack.valkey else "external",
+                                    simulated_tiers=sorted(urls))
+        uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                    log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    finally:
+        stack.stop()
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from policies.engine import build_profiles
+    from policies.schema import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+        build_profiles(policy)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.file}: {len(policy.tiers)} tiers, {len(policy.routes)} models, "
+          f"{len(policy.tenants)} tenants")
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from router.auth import hash_key, new_key
+
+    key = new_key()
+    print(f"key:    {key}")
+    print(f"sha256: {hash_key(key)}")
+    print(f"paste under tenants.{args.tenant}.key_sha256 in the policy file; the key is not stored anywhere.")
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from backends.sim.run import run_sim_cli
+
+    run_sim_cli(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from backends.sim.run import add_sim_args
+
+    p = argparse.ArgumentParser(prog="tiergate", description="OpenAI-compatible router for self-hosted LLM tiers")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve the router (embedded valkey and simulated tiers by default)")
+    s.add_argument("--policy", default=None, help="policy YAML (default: policies/examples/demo.yaml)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--redis-url", default=None, help="external Redis; default: start an embedded valkey-server")
+    s.add_argument("--http-client", default=None, choices=["aiohttp", "httpx", "httpx-aiohttp"])
+    s.set_defaults(fn=_serve)
+    sim = sub.add_parser("sim", help="run one simulated vLLM instance")
+    add_sim_args(sim)
+    sim.set_defaults(fn=_sim)
+    pol = sub.add_parser("policy", help="policy file tools")
+    polsub = pol.add_subparsers(dest="policy_cmd", required=True)
+    chk = polsub.add_parser("check", help="validate a policy file")
+    chk.add_argument("file")
+    chk.set_defaults(fn=_policy_check)
+    keys = sub.add_parser("keys", help="API keys")
+    keysub = keys.add_subparsers(dest="keys_cmd", required=True)
+    kn = keysub.add_parser("new", help="print a new key and its hash")
+    kn.add_argument("--tenant", required=True)
+    kn.set_defaults(fn=_keys_new)
+    args = p.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

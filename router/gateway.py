@@ -1,0 +1,206 @@
+"""The request pipeline: auth, decode, tokenize, gather candidates, choose, forward, close out.
+
+No framework objects in here: the handler passes raw bytes and a header, and gets
+back a `Reply`. Errors are raised as `ApiError` and rendered by the handler.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from backends.http_client import UpstreamClient
+from backends.registry import Registry
+from backends.tokenization import TokenizerCache
+from policies.engine import build_profiles
+from policies.schema import Policy
+from policies.types import RoutingDecision, RoutingRequest
+from router.auth import KeyIndex
+from router.errors import ApiError
+from router.logs import get_logger
+from router.metrics import RouterMetrics
+from router.prompts import PromptTokenizer
+from router.proxy import Forwarder, Outcome
+from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
+
+_decode_any = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+
+def _param_from_path(msg: str) -> str | None:
+    i = msg.find(" - at `$")
+    if i < 0:
+        return None
+    return msg[i + 8:].rstrip("`").lstrip(".") or None
+
+
+class Gateway:
+    def __init__(self, policy: Policy, registry: Registry, client: UpstreamClient, metrics: RouterMetrics,
+                 tokenizers: TokenizerCache, executor: Any, *, max_attempts: int = 3,
+                 expose_decision: bool = False) -> None:
+        self.policy = policy
+        self.registry = registry
+        self.metrics = metrics
+        self.profiles = build_profiles(policy)
+        self.keys = KeyIndex(policy)
+        self.prompts = PromptTokenizer(policy, tokenizers, executor)
+        self.expose_decision = expose_decision
+        self.log = get_logger("tiergate.request")
+        self.forwarder = Forwarder(client, registry, max_attempts,
+                                   lambda tier, why: metrics.retries.labels(tier, why).inc())
+
+    def tenant(self, authorization: str | None) -> str:
+        tenant = self.keys.tenant_for(authorization)
+        if tenant is None:
+            msg = "missing API key: send 'Authorization: Bearer <key>'" if not authorization else \
+                "invalid API key"
+            raise ApiError(401, msg, code="invalid_api_key")
+        return tenant
+
+    def allowed_models(self, tenant: str) -> list[str]:
+        spec = self.policy.tenants[tenant]
+        return [m for m in self.policy.routes if "*" in spec.allowed_models or m in spec.allowed_models]
+
+    async def handle(self, kind: str, raw: bytes, authorization: str | None,
+                     request_id: str | None = None) -> Reply:
+        t0 = time.perf_counter()
+        rid = request_id or uuid.uuid4().hex
+        tenant = self.tenant(authorization)
+        try:
+            body = _decode_any.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        typ: type[ChatRequest] | type[CompletionRequest] = ChatRequest if kind == "chat" else CompletionRequest
+        if "model" not in body:
+            raise ApiError(400, "field 'model' is required", param="model", code="missing_field")
+        if kind == "chat" and "messages" not in body:
+            raise ApiError(400, "field 'messages' is required", param="messages", code="missing_field")
+        if kind == "completions" and "prompt" not in body:
+            raise ApiError(400, "field 'prompt' is required", param="prompt", code="missing_field")
+        try:
+            req = msgspec.convert(body, typ)
+        except msgspec.ValidationError as exc:
+            param = _param_from_path(str(exc))
+            raise ApiError(400, f"invalid field '{param}': {str(exc).split(' - at ')[0]}", param=param,
+                           code="invalid_value") from None
+        route = self.policy.routes.get(req.model)
+        if route is None:
+            raise ApiError(404, f"The model '{req.model}' does not exist. Known models: "
+                           f"{', '.join(self.allowed_models(tenant))}", param="model", code="model_not_found")
+        spec = self.policy.tenants[tenant]
+        if "*" not in spec.allowed_models and req.model not in spec.allowed_models:
+            raise ApiError(403, f"this key may not use model '{req.model}'", param="model",
+                           code="model_not_allowed")
+        tenant_tiers = None if "*" in spec.allowed_tiers else frozenset(spec.allowed_tiers)
+        tiers = tuple(t for t in route.tiers if tenant_tiers is None or t in tenant_tiers)
+        if not tiers:
+            raise ApiError(403, f"this key may not use any tier of model '{req.model}'", param="model",
+                           code="model_not_allowed")
+        limit = req.completion_limit
+        if limit is not None and limit < 1:
+            field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise ApiError(400, f"'{field}' must be at least 1", param=field, code="invalid_value")
+        if req.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        if isinstance(req, ChatRequest):
+            if not req.messages:
+                raise ApiError(400, "'messages' must contain at least one message", param="messages",
+                               code="invalid_value")
+            ids = await self.prompts.chat_ids(tiers, req, body)
+        else:
+            ids = await self.prompts.completion_ids(tiers, req)
+        counts = {t: len(v) for t, v in ids.items()}
+        rreq = RoutingRequest(request_id=rid, tenant=tenant, virtual_model=req.model, route_tiers=tiers,
+                              tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
+                              default_completion_tokens=self.policy.defaults.completion_tokens)
+        decision = self.profiles[route.profile].decide(rreq, self.registry.candidates(tiers))
+        if decision.chosen is None:
+            raise self._no_candidate(rreq, decision)
+        client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        bodies: dict[str, bytes] = {}
+
+        def body_for(tier: str) -> bytes:
+            b = bodies.get(tier)
+            if b is None:
+                fwd = {k: v for k, v in body.items() if k not in HOST_FIELDS}
+                fwd["model"] = self.policy.tiers[tier].model
+                if req.stream:
+                    so = dict(fwd.get("stream_options") or {})
+                    so["include_usage"] = True
+                    fwd["stream_options"] = so
+                b = bodies[tier] = _encode.encode(fwd)
+            return b
+
+        out = Outcome()
+        overhead = time.perf_counter() - t0
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+
+        def done() -> None:
+            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision)
+
+        up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out, done)
+        headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "", "x-tiergate-instance": out.instance or "",
+                   "x-tiergate-overhead-ms": f"{overhead * 1000:.3f}"}
+        if self.expose_decision:
+            headers["x-tiergate-decision"] = _encode.encode(decision.summary()).decode()
+        return Reply(up.status, headers, up.body, up.stream)
+
+    def _no_candidate(self, rreq: RoutingRequest, decision: RoutingDecision) -> ApiError:
+        if decision.rejected and all(v == "context_fits" for v in decision.rejected.values()):
+            largest = max(self.policy.tiers[t].max_model_len for t in rreq.route_tiers)
+            prompt = max(rreq.prompt_tokens.values())
+            budget = rreq.max_tokens if rreq.max_tokens is not None else 0
+            need = f"{prompt} prompt tokens" + (f" + {budget} max_tokens" if budget else "")
+            return ApiError(400, f"{need} exceed the largest context available for model "
+                                 f"'{rreq.virtual_model}' ({largest} tokens)",
+                            param="messages", code="context_length_exceeded")
+        return ApiError(503, "no backend instance is available for this model", code="no_backend",
+                        headers={"Retry-After": "1"})
+
+    def _close_out(self, rid: str, tenant: str, route: str, counts: dict[str, int], out: Outcome, t0: float,
+                   overhead: float, decision: RoutingDecision) -> None:
+        now = time.perf_counter()
+        tier = out.tier or "none"
+        usage = out.usage
+        if usage is not None:
+            prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        else:  # no usage from the backend (stream cut): bill what we counted
+            prompt = counts.get(tier, 0) if out.first_byte_at is not None else 0
+            completion, cached = out.streamed_chunks, 0
+        cost = 0.0
+        if out.tier is not None:
+            p = self.policy.tiers[out.tier].prices
+            cost = ((prompt - cached) * p.input + cached * p.cached_input + completion * p.output) / 1e6
+        m = self.metrics
+        m.requests.labels(tier, tenant, route, str(out.status)).inc()
+        if out.tier is not None:
+            m.tokens.labels(tier, tenant, "prompt").inc(prompt - cached)
+            m.tokens.labels(tier, tenant, "cached").inc(cached)
+            m.tokens.labels(tier, tenant, "completion").inc(completion)
+            m.cost.labels(tier, tenant).inc(cost)
+            m.overhead.labels(tier).observe(overhead)
+            m.latency.labels(tier).observe(now - t0)
+            if out.first_byte_at is not None:
+                m.ttft.labels(tier).observe(out.first_byte_at - t0)
+        self.log.info("request", request_id=rid, tenant=tenant, route=route, tier=out.tier,
+                      instance=out.instance, status=out.status, prompt_tokens=prompt,
+                      completion_tokens=completion, cached_tokens=cached, cost_usd=round(cost, 8),
+                      ttft_ms=round((out.first_byte_at - t0) * 1000, 2) if out.first_byte_at else None,
+                      latency_ms=round((now - t0) * 1000, 2), overhead_ms=round(overhead * 1000, 3),
+                      attempts=out.attempts, failed=out.failed or None, error=out.error,
+                      decision=decision.summary())

@@ -1,0 +1,35 @@
+"""Prometheus metrics on a private registry (one per app, no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("tiergate_requests", "Requests by outcome.", ["tier", "tenant", "route", "status"],
+                                registry=r)
+        self.tokens = Counter("tiergate_tokens", "Tokens served.", ["tier", "tenant", "kind"], registry=r)
+        self.cost = Counter("tiergate_cost_usd", "Cost of served tokens at the tier's prices (USD).",
+                            ["tier", "tenant"], registry=r)
+        self.ttft = Histogram("tiergate_ttft_seconds", "Time to first byte from upstream, as the client sees it.",
+                              ["tier"], buckets=LAT_BUCKETS, registry=r)
+        self.latency = Histogram("tiergate_request_seconds", "Whole request latency.", ["tier"],
+                                 buckets=LAT_BUCKETS, registry=r)
+        self.overhead = Histogram("tiergate_router_overhead_seconds",
+                                  "Router time before the upstream request is sent (auth, tokenize, route).",
+                                  ["tier"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.retries = Counter("tiergate_upstream_retries", "Retries on another candidate before the first byte.",
+                               ["tier", "reason"], registry=r)
+        self.in_flight = Gauge("tiergate_instance_in_flight", "Requests in flight per instance.",
+                               ["tier", "instance"], registry=r)
+        self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
+                             registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

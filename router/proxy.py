@@ -1,0 +1,158 @@
+"""Forward one routed request upstream: retries before the first byte, SSE pass-through, usage capture."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from backends.http_client import UpstreamClient, UpstreamConnectError, UpstreamResponse
+from backends.registry import InstanceState, Registry
+from policies.types import Candidate
+from router.errors import ApiError, error_body
+from router.schemas import Usage, UsageEnvelope
+
+_usage_dec = msgspec.json.Decoder(UsageEnvelope)
+RETRYABLE = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class Outcome:
+    """What happened to one request; filled as it goes, logged and billed at the end."""
+
+    tier: str | None = None
+    instance: str | None = None
+    status: int = 0
+    usage: Usage | None = None
+    streamed_chunks: int = 0
+    first_byte_at: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    failed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Upstream:
+    status: int
+    headers: dict[str, str]
+    body: bytes | None                       # non-streaming body
+    stream: AsyncIterator[bytes] | None      # streaming body
+
+
+class Forwarder:
+    def __init__(self, client: UpstreamClient, registry: Registry, max_attempts: int,
+                 on_retry: Callable[[str, str], None]) -> None:
+        self.client = client
+        self.registry = registry
+        self.max_attempts = max_attempts
+        self.on_retry = on_retry
+
+    async def send(self, ranked: list[Candidate], path: str, body_for: Callable[[str], bytes], stream: bool,
+                   client_wants_usage: bool, out: Outcome, on_done: Callable[[], None]) -> Upstream:
+        """Try candidates in rank order until one answers with a non-retryable status."""
+        last: tuple[int, bytes] | None = None
+        for cand in ranked[: self.max_attempts]:
+            inst = self.registry.instance(cand.tier, cand.instance_id)
+            out.attempts += 1
+            inst.in_flight += 1
+            try:
+                resp = await self.client.post(inst.url + path, body_for(cand.tier),
+                                              {"content-type": "application/json"})
+            except UpstreamConnectError as exc:
+                inst.in_flight -= 1
+                self.registry.record_failure(inst)
+                out.failed.append(f"{cand.key}:{exc}")
+                self.on_retry(cand.tier, "connect")
+                continue
+            if resp.status in RETRYABLE:
+                raw = await resp.read()
+                inst.in_flight -= 1
+                if resp.status >= 500:
+                    self.registry.record_failure(inst)
+                out.failed.append(f"{cand.key}:{resp.status}")
+                self.on_retry(cand.tier, str(resp.status))
+                last = (resp.status, raw)
+                continue
+            self.registry.record_success(inst)
+            out.tier, out.instance, out.status = cand.tier, cand.instance_id, resp.status
+            if stream and resp.status == 200:
+                return Upstream(resp.status, {}, None,
+                                self._relay(resp, inst, client_wants_usage, out, on_done))
+            try:
+                raw = await resp.read()
+            except Exception:
+                inst.in_flight -= 1
+                raise
+            inst.in_flight -= 1
+            out.first_byte_at = time.perf_counter()
+            if resp.status == 200:
+                try:
+                    out.usage = _usage_dec.decode(raw).usage
+                except msgspec.DecodeError:
+                    out.status = 502
+                    out.error = "malformed upstream JSON"
+                    on_done()
+                    raise ApiError(502, "the backend returned a malformed response", code="bad_upstream") \
+                        from None
+            on_done()
+            return Upstream(resp.status, {}, raw, None)
+        if last is not None:
+            status, raw = last
+            out.status = status
+            on_done()
+            retry_after = {"Retry-After": "1"} if status in (429, 503) else {}
+            raise ApiError(503 if status != 429 else 429,
+                           f"every candidate backend failed ({', '.join(out.failed)})",
+                           code="upstream_unavailable", headers=retry_after)
+        out.status = 503
+        on_done()
+        raise ApiError(503, "no backend could be reached" + (f" ({', '.join(out.failed)})" if out.failed else ""),
+                       code="upstream_unavailable", headers={"Retry-After": "1"})
+
+    async def _relay(self, resp: UpstreamResponse, inst: InstanceState, client_wants_usage: bool, out: Outcome,
+                     on_done: Callable[[], None]) -> AsyncIterator[bytes]:
+        buf = b""
+        try:
+            async for chunk in resp.iter_chunks():
+                if out.first_byte_at is None:
+                    out.first_byte_at = time.perf_counter()
+                buf += chunk
+                pieces: list[bytes] = []
+                while True:
+                    i = buf.find(b"\n\n")
+                    if i < 0:
+                        break
+                    event, buf = buf[: i + 2], buf[i + 2:]
+                    if self._keep_event(event, client_wants_usage, out):
+                        pieces.append(event)
+                if pieces:
+                    yield b"".join(pieces)
+            if buf.strip():
+                yield buf
+        except Exception as exc:  # upstream broke after the first byte: end with an error event
+            out.error = f"upstream stream broke: {type(exc).__name__}"
+            out.status = 502
+            yield b"data: " + error_body(502, "the backend stream ended unexpectedly", code="upstream_stream_error") \
+                + b"\n\n"
+        finally:
+            inst.in_flight -= 1
+            await resp.close()
+            on_done()
+
+    @staticmethod
+    def _keep_event(event: bytes, client_wants_usage: bool, out: Outcome) -> bool:
+        if b'"choices":[{' in event:
+            out.streamed_chunks += 1
+        if b'"usage":{' not in event:
+            return True
+        start = event.find(b"{")
+        try:
+            usage = _usage_dec.decode(event[start:].strip())
+        except msgspec.DecodeError:
+            return True
+        if usage.usage is not None:
+            out.usage = usage.usage
+        # the usage-only chunk has "choices":[]; drop it when the client did not ask for usage
+        return client_wants_usage or b'"choices":[]' not in event

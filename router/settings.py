@@ -1,0 +1,37 @@
+"""Process settings, from the environment (TIERGATE_*) or the CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+DEMO_POLICY = str(Path(__file__).resolve().parent.parent / "policies" / "examples" / "demo.yaml")
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    policy_path: str = DEMO_POLICY
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None           # None: start the embedded valkey-server
+    data_dir: str = ".tiergate"
+    http_client: str = "aiohttp"            # aiohttp | httpx | httpx-aiohttp
+    max_body_bytes: int = 32 * 1024 * 1024
+    upstream_connect_timeout_s: float = 2.0
+    upstream_read_timeout_s: float = 300.0
+    redis_timeout_s: float = 0.05
+    probe_interval_s: float = 2.0
+    max_attempts: int = 3
+    log_level: str = "info"
+    expose_decision_header: bool = False    # x-tiergate-decision with per-plugin scores
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env: dict[str, object] = {}
+        for f in msgspec.structs.fields(cls):
+            v = os.environ.get("TIERGATE_" + f.name.upper())
+            if v is not None:
+                env[f.name] = v
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return msgspec.convert(env, cls, strict=False)

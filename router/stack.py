@@ -1,0 +1,67 @@
+"""The embedded default: a private valkey-server and simulated tiers, as child processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from backends.valkey import EmbeddedValkey, free_port
+from policies.schema import Policy
+
+
+class EmbeddedStack:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.valkey: EmbeddedValkey | None = None
+        self.sims: list[subprocess.Popen[bytes]] = []
+
+    def start_valkey(self) -> str:
+        self.valkey = EmbeddedValkey(self.data_dir / "valkey")
+        self.valkey.start()
+        return self.valkey.url
+
+    def start_sims(self, policy: Policy, host: str = "127.0.0.1") -> dict[str, list[tuple[str, str]]]:
+        urls: dict[str, list[tuple[str, str]]] = {}
+        pending: list[str] = []
+        for name, tier in policy.tiers.items():
+            if tier.instances or tier.simulate is None:
+                continue
+            for i in range(tier.simulate.replicas):
+                port = free_port()
+                log = open(self.data_dir / f"sim-{name}-{i}.log", "ab")  # noqa: SIM115 - child owns it
+                self.sims.append(subprocess.Popen(
+                    [sys.executable, "-m", "router.cli", "sim", "--profile", tier.simulate.profile,
+                     "--host", host, "--port", str(port), "--served-model-name", tier.model,
+                     "--time-scale", str(tier.simulate.time_scale)],
+                    stdout=log, stderr=subprocess.STDOUT))
+                url = f"http://{host}:{port}"
+                urls.setdefault(name, []).append((f"{name}-sim-{i}", url))
+                pending.append(url)
+        deadline = time.monotonic() + 60
+        for url in pending:
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"simulator at {url} did not become healthy; see {self.data_dir}/sim-*.log")
+                time.sleep(0.1)
+        return urls
+
+    def stop(self) -> None:
+        for p in self.sims:
+            p.terminate()
+        for p in self.sims:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.sims = []
+        if self.valkey is not None:
+            self.valkey.stop()
