@@ -40,6 +40,17 @@ class Reply:
     stream: AsyncIterator[bytes] | None = None
 
 
+def forward_body(body: dict[str, Any], model: str, stream: bool) -> bytes:
+    """The client's body for one tier: its model id, host-naming fields dropped, usage asked for."""
+    fwd = {k: v for k, v in body.items() if k not in HOST_FIELDS}
+    fwd["model"] = model
+    if stream:
+        so = dict(fwd.get("stream_options") or {})
+        so["include_usage"] = True
+        fwd["stream_options"] = so
+    return _encode.encode(fwd)
+
+
 def _param_from_path(msg: str) -> str | None:
     i = msg.find(" - at `$")
     if i < 0:
@@ -137,13 +148,7 @@ class Gateway:
         def body_for(tier: str) -> bytes:
             b = bodies.get(tier)
             if b is None:
-                fwd = {k: v for k, v in body.items() if k not in HOST_FIELDS}
-                fwd["model"] = self.policy.tiers[tier].model
-                if req.stream:
-                    so = dict(fwd.get("stream_options") or {})
-                    so["include_usage"] = True
-                    fwd["stream_options"] = so
-                b = bodies[tier] = _encode.encode(fwd)
+                b = bodies[tier] = forward_body(body, self.policy.tiers[tier].model, req.stream)
             return b
 
         out = Outcome()

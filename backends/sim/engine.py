@@ -208,7 +208,11 @@ class Engine:
             if n < remaining and not prof.chunked_prefill:
                 break
             if not self._ensure_blocks(req, req.num_computed + n):
-                break  # keep its prefix refs; retried next step
+                # Give its prefix hits back so a waiting request never pins blocks.
+                self.kv.free(req.blocks)
+                req.blocks = []
+                req.num_computed = 0
+                break
             self.waiting.popleft()
             self.running.append(req)
             req.is_running = True

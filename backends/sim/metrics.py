@@ -63,8 +63,10 @@ class EngineMetrics:
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
+            # prometheus_client writes counters' HELP/TYPE under the _total name, as vLLM's page shows
+            shown = name + "_total" if kind == "counter" else name
+            out.append(f"# HELP {shown} {help_}")
+            out.append(f"# TYPE {shown} {kind}")
             out.extend(samples)
 
         metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",

@@ -1,0 +1,113 @@
+"""Shared fixtures: a real Redis-protocol server, simulators over sockets, and the `make run` stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from backends.valkey import EmbeddedValkey, free_port
+from policies.schema import Policy
+from router.app import create_app
+from router.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_KEY = "sk-tiergate-demo"
+FAST_ONLY_KEY = "sk-tiergate-fastonly"
+
+
+def _redis_up(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.3) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis when it runs, else a private valkey-server. Never a fake."""
+    if _redis_up(6379):
+        yield "redis://127.0.0.1:6379/15"
+        return
+    server = EmbeddedValkey(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+class Stack:
+    def __init__(self, url: str, log_path: Path) -> None:
+        self.url = url
+        self.log_path = log_path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`tiergate serve` as `make run` starts it: embedded valkey and three simulated tiers."""
+    data = tmp_path_factory.mktemp("stack")
+    port = free_port()
+    log_path = data / "router.log"
+    env = {**os.environ, "TIERGATE_DATA_DIR": str(data), "TIERGATE_MAX_BODY_BYTES": str(4 * 1024 * 1024)}
+    env.pop("TIERGATE_REDIS_URL", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("stack did not start:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.2)
+    try:
+        yield Stack(url, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.asynccontextmanager
+async def serve_router(policy: Policy, urls: dict[str, list[tuple[str, str]]] | None = None,
+                       **settings: object) -> AsyncIterator[str]:
+    """An in-process router on a real socket, on the test's event loop."""
+    port = free_port()
+    s = Settings(port=port, probe_interval_s=3600, **settings)  # type: ignore[arg-type]
+    app = create_app(s, policy=policy, instance_urls=urls)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           lifespan="on", access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
