@@ -152,7 +152,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         return render(status, error_body(status, msg, code={413: "request_too_large"}.get(status)))
 
     def internal_error(_r: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-        log.error("internal_error", error=type(exc).__name__)
+        log.error("internal_error", error=type(exc).__name__, exc_info=exc)
         return render(500, error_body(500, "internal error", code="internal_error"))
 
     return Litestar(

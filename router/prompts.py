@@ -46,6 +46,10 @@ class PromptTokenizer:
 
     async def completion_ids(self, tiers: tuple[str, ...], req: CompletionRequest) -> dict[str, list[int]]:
         prompt = req.prompt
+        if isinstance(prompt, list) and not (all(isinstance(p, str) for p in prompt)
+                                             or all(isinstance(p, int) for p in prompt)):
+            raise ApiError(400, "'prompt' must be a string, a list of strings or a list of token ids",
+                           param="prompt", code="invalid_value")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ApiError(400, "batched prompts (more than one string) are not supported; send one "
@@ -59,6 +63,6 @@ class PromptTokenizer:
                 if isinstance(prompt, str):
                     done[id(tok)] = await tok.encode(prompt, self.executor)
                 else:
-                    done[id(tok)] = [int(i) for i in prompt]  # token ids, as vLLM accepts
+                    done[id(tok)] = [int(i) for i in prompt]  # token ids, as vLLM accepts them
             out[t] = done[id(tok)]
         return out

@@ -47,7 +47,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] = ""
+    prompt: str | list[str | int] = ""
 
 
 class Usage(msgspec.Struct):
