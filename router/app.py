@@ -83,8 +83,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         return Response(content=body, status_code=reply_status, media_type=JSON, headers=headers)
 
     def fail(exc: ApiError, request_id: str) -> Response[bytes]:
-        gw.log.info("request", request_id=request_id, status=exc.status, error=exc.code, param=exc.param)
-        gw.metrics.requests.labels("none", "unknown", "none", str(exc.status)).inc()
+        if not exc.logged:
+            gw.log.info("request", request_id=request_id, status=exc.status, error=exc.code, param=exc.param)
+            gw.metrics.requests.labels("none", "unknown", "none", str(exc.status)).inc()
         return render(exc.status, exc.body(), {"x-request-id": request_id, **exc.headers})
 
     async def serve(kind: str, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:

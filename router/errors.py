@@ -21,6 +21,7 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+        self.logged = False
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, code=self.code, param=self.param)

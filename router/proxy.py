@@ -41,6 +41,11 @@ class Upstream:
     stream: AsyncIterator[bytes] | None      # streaming body
 
 
+def _logged(exc: ApiError) -> ApiError:
+    exc.logged = True  # the close-out already wrote this request's canonical line
+    return exc
+
+
 class Forwarder:
     def __init__(self, client: UpstreamClient, registry: Registry, max_attempts: int,
                  on_retry: Callable[[str, str], None]) -> None:
@@ -94,22 +99,22 @@ class Forwarder:
                     out.status = 502
                     out.error = "malformed upstream JSON"
                     on_done()
-                    raise ApiError(502, "the backend returned a malformed response", code="bad_upstream") \
-                        from None
+                    raise _logged(ApiError(502, "the backend returned a malformed response",
+                                           code="bad_upstream")) from None
             on_done()
             return Upstream(resp.status, {}, raw, None)
         if last is not None:
             status, raw = last
-            out.status = status
+            out.status = 503 if status != 429 else 429
             on_done()
-            retry_after = {"Retry-After": "1"} if status in (429, 503) else {}
-            raise ApiError(503 if status != 429 else 429,
-                           f"every candidate backend failed ({', '.join(out.failed)})",
-                           code="upstream_unavailable", headers=retry_after)
+            raise _logged(ApiError(503 if status != 429 else 429,
+                                   f"every candidate backend failed ({', '.join(out.failed)})",
+                                   code="upstream_unavailable", headers={"Retry-After": "1"}))
         out.status = 503
         on_done()
-        raise ApiError(503, "no backend could be reached" + (f" ({', '.join(out.failed)})" if out.failed else ""),
-                       code="upstream_unavailable", headers={"Retry-After": "1"})
+        raise _logged(ApiError(503, "no backend could be reached" + (f" ({', '.join(out.failed)})"
+                                                                     if out.failed else ""),
+                               code="upstream_unavailable", headers={"Retry-After": "1"}))
 
     async def _relay(self, resp: UpstreamResponse, inst: InstanceState, client_wants_usage: bool, out: Outcome,
                      on_done: Callable[[], None]) -> AsyncIterator[bytes]:

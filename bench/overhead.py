@@ -1,0 +1,215 @@
+"""Router overhead: tiergate vs the same backend called directly, in one run.
+
+Setup (2 cores): the router is pinned to CPU 0 with taskset; the fast loopback fake
+backend (bench/fake_backend.py) and this load generator share CPU 1. For each HTTP
+client transport it starts `tiergate serve` against the fake and measures:
+
+* router CPU ms per request (utime+stime of the router process / requests), short
+  non-streaming chat;
+* added latency p50/p99 at concurrency 1, 16 and 64 (router minus direct);
+* added TTFT p50/p99 for streaming at concurrency 16;
+* added time for one 256K-token prompt (tokenization included), and the p99 of
+  short requests (c=16) while 256K-token prompts keep arriving.
+
+Usage: python bench/overhead.py [--seconds 5] [--clients aiohttp,httpx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from backends.valkey import free_port  # noqa: E402
+
+KEY = "sk-tiergate-demo"
+KEY_HASH = "a76e8169f2e4051531cdd24753d163ed3cc01d9208b14606f88055b404f4c13f"
+SHORT = b'{"model":"%s","max_tokens":16,"messages":[{"role":"user","content":"Write a haiku about routers."}]}'
+STREAM = (b'{"model":"%s","max_tokens":16,"stream":true,'
+          b'"messages":[{"role":"user","content":"Write a haiku about routers."}]}')
+
+POLICY = """
+version: 1
+tiers:
+  fast:
+    model: m
+    max_model_len: 40960
+    prices: {{input: 0.05, cached_input: 0.01, output: 0.2}}
+    instances: [{{id: fake-0, url: "{url}"}}]
+  long:
+    model: m
+    max_model_len: 300000
+    prices: {{input: 0.3, cached_input: 0.06, output: 1.2}}
+    instances: [{{id: fake-1, url: "{url}"}}]
+tenants:
+  demo: {{key_sha256: [{hash}]}}
+routes:
+  short: {{tiers: [fast], profile: p}}
+  long: {{tiers: [long], profile: p}}
+profiles:
+  p:
+    filters: [{{type: tier_allowed}}, {{type: context_fits}}, {{type: healthy}}]
+    scorers: [{{type: expected_cost, weight: 10}}, {{type: load, weight: 1}}]
+    picker: {{type: max_score}}
+"""
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000 if xs else float("nan")
+
+
+async def load(url: str, body: bytes, conc: int, seconds: float, stream: bool, headers: dict[str, str]) -> list[float]:
+    lat: list[float] = []
+    conn = aiohttp.TCPConnector(limit=conc * 2)
+    async with aiohttp.ClientSession(connector=conn, headers=headers) as s:
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                async with s.post(url, data=body, headers={"content-type": "application/json"}) as r:
+                    if stream:
+                        await r.content.readany()  # first bytes = TTFT
+                        lat.append(time.perf_counter() - t)
+                        await r.read()
+                    else:
+                        await r.read()
+                        lat.append(time.perf_counter() - t)
+                    if r.status != 200:
+                        raise RuntimeError(f"status {r.status}")
+
+        await asyncio.gather(*(worker() for _ in range(conc)))
+    return lat
+
+
+async def one(url: str, body: bytes, headers: dict[str, str]) -> float:
+    async with aiohttp.ClientSession(headers=headers) as s:
+        t = time.perf_counter()
+        async with s.post(url, data=body, headers={"content-type": "application/json"}) as r:
+            await r.read()
+            assert r.status == 200, r.status
+        return time.perf_counter() - t
+
+
+def long_body(tokens: int) -> bytes:
+    text = "hello" + " hello" * (tokens - 20)
+    return b'{"model":"%s","max_tokens":1,"messages":[{"role":"user","content":"' + text.encode() + b'"}]}'
+
+
+async def bench_client(kind: str, fake_url: str, seconds: float) -> dict[str, object]:
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp())
+    pol = tmp / "policy.yaml"
+    pol.write_text(POLICY.format(url=fake_url, hash=KEY_HASH))
+    env = {**os.environ, "TIERGATE_POLICY_PATH": str(pol), "TIERGATE_HTTP_CLIENT": kind, "TIERGATE_LOG_LEVEL": "warning",
+           "TIERGATE_REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+           "TIERGATE_DATA_DIR": str(tmp)}
+    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        router = f"http://127.0.0.1:{port}/v1/chat/completions"
+        direct = fake_url + "/v1/chat/completions"
+        auth = {"authorization": f"Bearer {KEY}"}
+        await load(router, SHORT % b"short", 8, 1.0, False, auth)  # warm up
+        res: dict[str, object] = {"client": kind}
+        for conc in (1, 16, 64):
+            d = await load(direct, SHORT % b"m", conc, seconds, False, {})
+            c0 = cpu_seconds(proc.pid)
+            r = await load(router, SHORT % b"short", conc, seconds, False, auth)
+            cpu = (cpu_seconds(proc.pid) - c0) / len(r) * 1000
+            res[f"c{conc}"] = {"cpu_ms": cpu, "rps": len(r) / seconds,
+                               "added_p50": pct(r, 50) - pct(d, 50), "added_p99": pct(r, 99) - pct(d, 99),
+                               "router_p50": pct(r, 50), "router_p99": pct(r, 99)}
+        d = await load(direct, STREAM % b"m", 16, seconds, True, {})
+        r = await load(router, STREAM % b"short", 16, seconds, True, auth)
+        res["stream_c16"] = {"added_ttft_p50": pct(r, 50) - pct(d, 50), "added_ttft_p99": pct(r, 99) - pct(d, 99)}
+        big_r = long_body(256_000) % b"long"
+        big_d = long_body(256_000) % b"m"
+        dl = [await one(direct, big_d, {}) for _ in range(3)]
+        rl = [await one(router, big_r, auth) for _ in range(3)]
+        res["long_256k_added_ms"] = (statistics.median(rl) - statistics.median(dl)) * 1000
+
+        async def long_stream(stop: float) -> int:
+            n = 0
+            while time.perf_counter() < stop:
+                await one(router, big_r, auth)
+                n += 1
+            return n
+
+        base = await load(router, SHORT % b"short", 16, seconds, False, auth)
+        stop = time.perf_counter() + seconds
+        mixed, n_long = await asyncio.gather(load(router, SHORT % b"short", 16, seconds, False, auth), long_stream(stop))
+        res["short_p99_alone"] = pct(base, 99)
+        res["short_p99_with_256k"] = pct(mixed, 99)
+        res["long_prompts_during"] = n_long
+        return res
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--clients", default="aiohttp,httpx")
+    args = ap.parse_args()
+    os.sched_setaffinity(0, {1})
+    fport = free_port()
+    fake = subprocess.Popen(["taskset", "-c", "1", sys.executable, str(ROOT / "bench" / "fake_backend.py"), str(fport)])
+    try:
+        wait_http(f"http://127.0.0.1:{fport}/health")
+        results = [asyncio.run(bench_client(k, f"http://127.0.0.1:{fport}", args.seconds))
+                   for k in args.clients.split(",")]
+    finally:
+        fake.terminate()
+    print("\n## Router overhead (short non-streaming chat; added = via tiergate minus direct)\n")
+    print("| client | conc | router CPU ms/req | req/s | added p50 ms | added p99 ms | router p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        for conc in (1, 16, 64):
+            x = r[f"c{conc}"]
+            assert isinstance(x, dict)
+            print(f"| {r['client']} | {conc} | {x['cpu_ms']:.3f} | {x['rps']:.0f} | {x['added_p50']:.2f} | "
+                  f"{x['added_p99']:.2f} | {x['router_p99']:.2f} |")
+    print("\n| client | stream c=16 added TTFT p50 ms | p99 ms | 256K-token prompt added ms | short p99 alone ms |"
+          " short p99 while 256K prompts arrive ms | 256K prompts sent |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        s = r["stream_c16"]
+        assert isinstance(s, dict)
+        print(f"| {r['client']} | {s['added_ttft_p50']:.2f} | {s['added_ttft_p99']:.2f} | "
+              f"{r['long_256k_added_ms']:.1f} | {r['short_p99_alone']:.2f} | {r['short_p99_with_256k']:.2f} | "
+              f"{r['long_prompts_during']} |")
+
+
+if __name__ == "__main__":
+    main()
