@@ -36,8 +36,10 @@ from backends.valkey import free_port  # noqa: E402
 KEY = "sk-tiergate-demo"
 KEY_HASH = "a76e8169f2e4051531cdd24753d163ed3cc01d9208b14606f88055b404f4c13f"
 SHORT = b'{"model":"%s","max_tokens":16,"messages":[{"role":"user","content":"Write a haiku about routers."}]}'
-STREAM = (b'{"model":"%s","max_tokens":16,"stream":true,'
-          b'"messages":[{"role":"user","content":"Write a haiku about routers."}]}')
+STREAM = (
+    b'{"model":"%s","max_tokens":16,"stream":true,'
+    b'"messages":[{"role":"user","content":"Write a haiku about routers."}]}'
+)
 
 POLICY = """
 version: 1
@@ -129,11 +131,21 @@ async def bench_client(kind: str, fake_url: str, seconds: float) -> dict[str, ob
     tmp = Path(tempfile.mkdtemp())
     pol = tmp / "policy.yaml"
     pol.write_text(POLICY.format(url=fake_url, hash=KEY_HASH))
-    env = {**os.environ, "TIERGATE_POLICY_PATH": str(pol), "TIERGATE_HTTP_CLIENT": kind, "TIERGATE_LOG_LEVEL": "warning",
-           "TIERGATE_REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
-           "TIERGATE_DATA_DIR": str(tmp)}
-    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "TIERGATE_POLICY_PATH": str(pol),
+        "TIERGATE_HTTP_CLIENT": kind,
+        "TIERGATE_LOG_LEVEL": "warning",
+        "TIERGATE_REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+        "TIERGATE_DATA_DIR": str(tmp),
+    }
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
+        ["taskset", "-c", "0", sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         router = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -146,9 +158,14 @@ async def bench_client(kind: str, fake_url: str, seconds: float) -> dict[str, ob
             c0 = cpu_seconds(proc.pid)
             r = await load(router, SHORT % b"short", conc, seconds, False, auth)
             cpu = (cpu_seconds(proc.pid) - c0) / len(r) * 1000
-            res[f"c{conc}"] = {"cpu_ms": cpu, "rps": len(r) / seconds,
-                               "added_p50": pct(r, 50) - pct(d, 50), "added_p99": pct(r, 99) - pct(d, 99),
-                               "router_p50": pct(r, 50), "router_p99": pct(r, 99)}
+            res[f"c{conc}"] = {
+                "cpu_ms": cpu,
+                "rps": len(r) / seconds,
+                "added_p50": pct(r, 50) - pct(d, 50),
+                "added_p99": pct(r, 99) - pct(d, 99),
+                "router_p50": pct(r, 50),
+                "router_p99": pct(r, 99),
+            }
         d = await load(direct, STREAM % b"m", 16, seconds, True, {})
         r = await load(router, STREAM % b"short", 16, seconds, True, auth)
         res["stream_c16"] = {"added_ttft_p50": pct(r, 50) - pct(d, 50), "added_ttft_p99": pct(r, 99) - pct(d, 99)}
@@ -167,7 +184,9 @@ async def bench_client(kind: str, fake_url: str, seconds: float) -> dict[str, ob
 
         base = await load(router, SHORT % b"short", 16, seconds, False, auth)
         stop = time.perf_counter() + seconds
-        mixed, n_long = await asyncio.gather(load(router, SHORT % b"short", 16, seconds, False, auth), long_stream(stop))
+        mixed, n_long = await asyncio.gather(
+            load(router, SHORT % b"short", 16, seconds, False, auth), long_stream(stop)
+        )
         res["short_p99_alone"] = pct(base, 99)
         res["short_p99_with_256k"] = pct(mixed, 99)
         res["long_prompts_during"] = n_long
@@ -187,8 +206,9 @@ def main() -> None:
     fake = subprocess.Popen(["taskset", "-c", "1", sys.executable, str(ROOT / "bench" / "fake_backend.py"), str(fport)])
     try:
         wait_http(f"http://127.0.0.1:{fport}/health")
-        results = [asyncio.run(bench_client(k, f"http://127.0.0.1:{fport}", args.seconds))
-                   for k in args.clients.split(",")]
+        results = [
+            asyncio.run(bench_client(k, f"http://127.0.0.1:{fport}", args.seconds)) for k in args.clients.split(",")
+        ]
     finally:
         fake.terminate()
     print("\n## Router overhead (short non-streaming chat; added = via tiergate minus direct)\n")
@@ -198,17 +218,23 @@ def main() -> None:
         for conc in (1, 16, 64):
             x = r[f"c{conc}"]
             assert isinstance(x, dict)
-            print(f"| {r['client']} | {conc} | {x['cpu_ms']:.3f} | {x['rps']:.0f} | {x['added_p50']:.2f} | "
-                  f"{x['added_p99']:.2f} | {x['router_p99']:.2f} |")
-    print("\n| client | stream c=16 added TTFT p50 ms | p99 ms | 256K-token prompt added ms | short p99 alone ms |"
-          " short p99 while 256K prompts arrive ms | 256K prompts sent |")
+            print(
+                f"| {r['client']} | {conc} | {x['cpu_ms']:.3f} | {x['rps']:.0f} | {x['added_p50']:.2f} | "
+                f"{x['added_p99']:.2f} | {x['router_p99']:.2f} |"
+            )
+    print(
+        "\n| client | stream c=16 added TTFT p50 ms | p99 ms | 256K-token prompt added ms | short p99 alone ms |"
+        " short p99 while 256K prompts arrive ms | 256K prompts sent |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         s = r["stream_c16"]
         assert isinstance(s, dict)
-        print(f"| {r['client']} | {s['added_ttft_p50']:.2f} | {s['added_ttft_p99']:.2f} | "
-              f"{r['long_256k_added_ms']:.1f} | {r['short_p99_alone']:.2f} | {r['short_p99_with_256k']:.2f} | "
-              f"{r['long_prompts_during']} |")
+        print(
+            f"| {r['client']} | {s['added_ttft_p50']:.2f} | {s['added_ttft_p99']:.2f} | "
+            f"{r['long_256k_added_ms']:.1f} | {r['short_p99_alone']:.2f} | {r['short_p99_with_256k']:.2f} | "
+            f"{r['long_prompts_during']} |"
+        )
 
 
 if __name__ == "__main__":

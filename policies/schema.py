@@ -13,7 +13,7 @@ STRICT = {"forbid_unknown_fields": True, "kw_only": True, "frozen": True}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class Prices(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class Prices(msgspec.Struct, **STRICT):
     """USD per 1M tokens."""
 
     input: float
@@ -21,12 +21,12 @@ class Prices(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
     output: float
 
 
-class InstanceSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class InstanceSpec(msgspec.Struct, **STRICT):
     id: str
     url: str
 
 
-class SimulateSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class SimulateSpec(msgspec.Struct, **STRICT):
     """Embedded default: start simulated instances when a tier lists no URLs."""
 
     profile: str
@@ -34,7 +34,7 @@ class SimulateSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
     time_scale: float = 1.0
 
 
-class TierSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class TierSpec(msgspec.Struct, **STRICT):
     model: str
     max_model_len: int
     prices: Prices
@@ -46,44 +46,44 @@ class TierSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
     simulate: SimulateSpec | None = None
 
 
-class SloClass(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class SloClass(msgspec.Struct, **STRICT):
     ttft_ms: float
     tpot_ms: float
     priority: int = 0
     batchable: bool = False
 
 
-class TenantSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class TenantSpec(msgspec.Struct, **STRICT):
     key_sha256: list[str]
     allowed_tiers: list[str] = msgspec.field(default_factory=lambda: ["*"])
     allowed_models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     default_slo: str = ""
 
 
-class PluginSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class PluginSpec(msgspec.Struct, **STRICT):
     type: str
     weight: float = 1.0
     params: dict[str, Any] = {}
 
 
-class ProfileSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class ProfileSpec(msgspec.Struct, **STRICT):
     filters: list[PluginSpec]
     scorers: list[PluginSpec]
     picker: PluginSpec
 
 
-class RouteSpec(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class RouteSpec(msgspec.Struct, **STRICT):
     tiers: list[str]
     profile: str
     description: str = ""
 
 
-class Defaults(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class Defaults(msgspec.Struct, **STRICT):
     completion_tokens: int = 1024
     slo_class: str = ""
 
 
-class Policy(msgspec.Struct, **STRICT):  # type: ignore[call-arg]
+class Policy(msgspec.Struct, **STRICT):
     version: int
     tiers: dict[str, TierSpec]
     routes: dict[str, RouteSpec]
@@ -169,7 +169,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                 if isinstance(entries, dict):
                     for key, value in entries.items():
                         _convert(value, typ, f"$.{section}.{key}")
-        policy = _convert(raw, Policy, "$")
+        policy: Policy = _convert(raw, Policy, "$")
     except _ConvertError as exc:
         raise PolicyError(exc.path, exc.detail, _node_line(root, _split_path(exc.path)), source) from None
     for path, message in semantic_errors(policy):
@@ -200,9 +200,9 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
             errs.append((f"{base}.max_model_len", "must be > 0"))
         if tier.block_size not in (1, 8, 16, 32, 64, 128):
             errs.append((f"{base}.block_size", "must be one of 1, 8, 16, 32, 64, 128"))
-        for f in ("input", "cached_input", "output"):
-            if getattr(tier.prices, f) < 0:
-                errs.append((f"{base}.prices.{f}", "must be >= 0"))
+        for price in ("input", "cached_input", "output"):
+            if getattr(tier.prices, price) < 0:
+                errs.append((f"{base}.prices.{price}", "must be >= 0"))
         if not tier.instances and tier.simulate is None:
             errs.append((f"{base}.instances", "a tier needs instances (or `simulate` for the embedded default)"))
         seen: set[str] = set()

@@ -31,7 +31,7 @@ class EmbeddedStack:
                 continue
             for i in range(tier.simulate.replicas):
                 port = free_port()
-                log = open(self.data_dir / f"sim-{name}-{i}.log", "ab")  # noqa: SIM115 - child owns it
+                log = open(self.data_dir / f"sim-{name}-{i}.log", "ab")
                 self.sims.append(subprocess.Popen(
                     [sys.executable, "-m", "router.cli", "sim", "--profile", tier.simulate.profile,
                      "--host", host, "--port", str(port), "--served-model-name", tier.model,

@@ -101,7 +101,7 @@ def test_filter_conformance(name: str, req: RoutingRequest, cands: list[Candidat
 @given(req=req_st, cands=st.lists(cand_st, max_size=8))
 def test_scorer_conformance(name: str, req: RoutingRequest, cands: list[Candidate]) -> None:
     s = KNOWN_SCORERS[name]()
-    scores, reason = s.score(req, cands)
+    scores, _reason = s.score(req, cands)
     assert len(scores) == len(cands) and all(0.0 <= x <= 1.0 for x in scores) and s.name == name
     assert s.score(req, cands)[0] == scores
 

@@ -118,3 +118,20 @@ def test_forward_body_rewrites_model_keeps_unknown_fields_and_drops_hosts() -> N
     assert "base_url" not in out and "api_base" not in out
     assert out["stream_options"] == {"include_usage": True}
     assert raw["model"] == "auto"  # the client's body is not mutated
+
+
+async def test_router_with_external_redis_records_policy_version(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    sim = await start_sim("qwen3-1.7b-fp8", time_scale=0.1)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.delete("tiergate:policy:version")
+        async with serve_router(fast_only_policy(), {"fast": [("x", sim.url)]}, redis_url=redis_url) as url, \
+                httpx.AsyncClient(base_url=url) as c:
+            ready = (await c.get("/ready")).json()
+            assert ready["redis"] is True
+            assert (await client.get("tiergate:policy:version")).decode() == ready["policy_version"]
+    finally:
+        await client.aclose()
+        await sim.close()

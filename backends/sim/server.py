@@ -221,7 +221,7 @@ class SimServer:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                        or max_tokens < 1):
-            raise BadRequest("max_tokens must be at least 1, got {}.".format(max_tokens), "max_tokens")
+            raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
         if body.get("n", 1) != 1:
             raise BadRequest("the simulator serves n=1 only", "n")
         n = len(ids)

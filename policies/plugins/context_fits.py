@@ -13,7 +13,6 @@ Parameters:
 
 from __future__ import annotations
 
-
 from policies.types import Candidate, RoutingRequest, completion_budget
 
 
