@@ -137,3 +137,8 @@ def test_cost_and_load_choose_cheapest_then_least_loaded() -> None:
     assert [c.tier for c in d.ranked] == ["fast", "fast", "balanced", "long"]
     d = prof.decide(req, [cand("fast", "f0", healthy=False), cand("balanced", "b0")])
     assert d.chosen is not None and d.chosen.tier == "balanced" and d.rejected == {"fast/f0": "healthy"}
+
+
+def test_deploy_policy_is_valid() -> None:
+    p = load_policy(ROOT / "deploy" / "policy.compose.yaml")
+    assert all(t.instances for t in p.tiers.values())
