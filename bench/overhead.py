@@ -24,13 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from backends.health import wait_http_ok  # noqa: E402
 from backends.valkey import free_port  # noqa: E402
 
 KEY = "sk-tiergate-demo"
@@ -68,14 +68,8 @@ profiles:
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+    if not wait_http_ok(url, timeout):
+        raise RuntimeError(f"{url} did not come up")
 
 
 def cpu_seconds(pid: int) -> float:

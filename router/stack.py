@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+from backends.health import wait_http_ok
 from backends.valkey import EmbeddedValkey, free_port
 from policies.schema import Policy
 
@@ -42,16 +42,8 @@ class EmbeddedStack:
                 pending.append(url)
         deadline = time.monotonic() + 60
         for url in pending:
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"simulator at {url} did not become healthy; see {self.data_dir}/sim-*.log")
-                time.sleep(0.1)
+            if not wait_http_ok(url + "/health", max(deadline - time.monotonic(), 0.1)):
+                raise RuntimeError(f"simulator at {url} did not become healthy; see {self.data_dir}/sim-*.log")
         return urls
 
     def stop(self) -> None:

@@ -8,14 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import uvicorn
 
+from backends.health import wait_http_ok
 from backends.valkey import EmbeddedValkey, free_port
 from policies.schema import Policy
 from router.app import create_app
@@ -70,18 +69,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("stack did not start:\n" + log_path.read_text()[-3000:])
-        time.sleep(0.2)
+    if not wait_http_ok(url + "/ready", 90, alive=lambda: proc.poll() is None):
+        proc.kill()
+        raise RuntimeError("stack did not start:\n" + log_path.read_text()[-3000:])
     try:
         yield Stack(url, log_path)
     finally:
