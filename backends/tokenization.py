@@ -106,13 +106,11 @@ class TierTokenizer:
 
     def encode_blocking_free(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Encode through `encode_batch`, which releases the GIL; call from a worker thread."""
-        pieces = split_for_encoding(text) if self._splittable else [text]
-        encs = self._backend.encode_batch(pieces, add_special_tokens=False)
+        # Special tokens (BOS/EOS templates) apply to a whole sequence, so only split without them.
+        pieces = split_for_encoding(text) if self._splittable and not add_special_tokens else [text]
         ids: list[int] = []
-        for enc in encs:
+        for enc in self._backend.encode_batch(pieces, add_special_tokens=add_special_tokens):
             ids.extend(enc.ids)
-        if add_special_tokens:
-            ids = list(self._backend.post_process(self._backend.encode("", add_special_tokens=False)).ids) + ids
         return ids
 
     async def encode(
