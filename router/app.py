@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -89,10 +89,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         return render(exc.status, exc.body(), {"x-request-id": request_id, **exc.headers})
 
     async def serve(kind: str, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-        rid = request.headers.get("x-request-id") or time.strftime("%Y%m%d") + hashlib.blake2b(
-            str(time.perf_counter_ns()).encode() + str(id(request)).encode(), digest_size=8).hexdigest()
-        if len(rid) > 128:
-            rid = rid[:128]
+        rid = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:128]
         try:
             raw = await request.body()
             reply = await gw.handle(kind, raw, request.headers.get("authorization"), rid)
