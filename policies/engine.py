@@ -28,10 +28,11 @@ class Profile:
         cands = list(candidates)
         for f in self.filters:
             kept, why = f.filter(req, cands)
-            kept_keys = {c.key for c in kept}
-            for c in cands:
-                if c.key not in kept_keys:
-                    rejected[c.key] = f.name
+            if len(kept) != len(cands):
+                kept_keys = {c.key for c in kept}
+                for c in cands:
+                    if c.key not in kept_keys:
+                        rejected[c.key] = f.name
             cands = kept
             reasons.append(PluginResult(f.name, why))
         scores: dict[str, dict[str, float]] = {c.key: {} for c in cands}

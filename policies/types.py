@@ -28,10 +28,11 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     healthy: bool = True
     in_flight: int = 0
     cached_tokens: int = 0    # expected prefix-cache hit on this instance (affinity)
+    key: str = ""             # "tier/instance_id", filled in on construction
 
-    @property
-    def key(self) -> str:
-        return f"{self.tier}/{self.instance_id}"
+    def __post_init__(self) -> None:
+        if not self.key:
+            msgspec.structs.force_setattr(self, "key", f"{self.tier}/{self.instance_id}")
 
 
 class PluginResult(msgspec.Struct, frozen=True):

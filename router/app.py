@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -20,7 +19,7 @@ from litestar.response import Stream
 from backends.health import probe_forever, probe_once
 from backends.http_client import ClientLimits, UpstreamClient, make_client
 from backends.registry import Registry
-from backends.tokenization import TokenizerCache
+from backends.tokenization import TokenizerCache, tokenizer_executor
 from policies.schema import Policy, load_policy
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
@@ -49,7 +48,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     client = upstream or make_client(settings.http_client, ClientLimits(
         connect_timeout_s=settings.upstream_connect_timeout_s, read_timeout_s=settings.upstream_read_timeout_s))
     metrics = RouterMetrics()
-    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenize")
+    executor = tokenizer_executor(4)
     gw = Gateway(policy, registry, client, metrics, tokenizers or TokenizerCache(), executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header)
     store = redis if redis is not None else (make_redis(settings.redis_url, settings.redis_timeout_s)

@@ -191,17 +191,9 @@ class Gateway:
         if out.tier is not None:
             p = self.policy.tiers[out.tier].prices
             cost = ((prompt - cached) * p.input + cached * p.cached_input + completion * p.output) / 1e6
-        m = self.metrics
-        m.requests.labels(tier, tenant, route, str(out.status)).inc()
-        if out.tier is not None:
-            m.tokens.labels(tier, tenant, "prompt").inc(prompt - cached)
-            m.tokens.labels(tier, tenant, "cached").inc(cached)
-            m.tokens.labels(tier, tenant, "completion").inc(completion)
-            m.cost.labels(tier, tenant).inc(cost)
-            m.overhead.labels(tier).observe(overhead)
-            m.latency.labels(tier).observe(now - t0)
-            if out.first_byte_at is not None:
-                m.ttft.labels(tier).observe(out.first_byte_at - t0)
+        self.metrics.request_done(tier if out.tier is not None else "none", tenant, route, out.status, prompt,
+                                  cached, completion, cost, overhead, now - t0,
+                                  None if out.first_byte_at is None else out.first_byte_at - t0)
         self.log.info("request", request_id=rid, tenant=tenant, route=route, tier=out.tier,
                       instance=out.instance, status=out.status, prompt_tokens=prompt,
                       completion_tokens=completion, cached_tokens=cached, cost_usd=round(cost, 8),

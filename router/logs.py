@@ -10,7 +10,18 @@ import logging
 import sys
 from typing import Any
 
+import msgspec
 import structlog
+
+_json = msgspec.json.Encoder()
+
+
+def _dumps(obj: Any, **_kw: Any) -> str:
+    try:
+        return _json.encode(obj).decode()
+    except TypeError:  # something msgspec can't encode (rare: exception objects): fall back to repr
+        return _json.encode({k: v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else repr(v)
+                             for k, v in obj.items()}).decode()
 
 
 def configure_logging(level: str = "info") -> None:
@@ -20,11 +31,11 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
 
 

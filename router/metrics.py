@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -30,6 +32,31 @@ class RouterMetrics:
                                ["tier", "instance"], registry=r)
         self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
                              registry=r)
+
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: label lookup costs more than the increment itself."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def request_done(self, tier: str, tenant: str, route: str, status: int, prompt: int, cached: int,
+                     completion: int, cost: float, overhead: float, latency: float, ttft: float | None) -> None:
+        child = self.child
+        child(self.requests, tier, tenant, route, str(status)).inc()
+        if tier == "none":
+            return
+        child(self.tokens, tier, tenant, "prompt").inc(prompt - cached)
+        child(self.tokens, tier, tenant, "cached").inc(cached)
+        child(self.tokens, tier, tenant, "completion").inc(completion)
+        child(self.cost, tier, tenant).inc(cost)
+        child(self.overhead, tier).observe(overhead)
+        child(self.latency, tier).observe(latency)
+        if ttft is not None:
+            child(self.ttft, tier).observe(ttft)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
