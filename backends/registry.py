@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from policies.schema import Policy, TierSpec
+from policies.schema import InstanceSpec, Policy, TierSpec
 from policies.types import Candidate
 
 Clock = Callable[[], float]
@@ -22,6 +22,8 @@ class InstanceState:
     ejected_until: float = 0.0    # passive ejection after connect errors / 5xx
     consecutive_failures: int = 0
     served: int = 0
+    kv_events: str | None = None            # vLLM KV-event endpoint (ZMQ), from the policy
+    kv_capacity_blocks: int | None = None   # from the policy, else scraped (vllm:cache_config_info)
 
     def serving(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
@@ -37,18 +39,20 @@ class TierRuntime:
 class Registry:
     """Tiers and instances of the active policy. Not shared across processes (v1)."""
 
-    def __init__(self, policy: Policy, urls: dict[str, list[tuple[str, str]]] | None = None,
+    def __init__(self, policy: Policy, urls: dict[str, list[InstanceSpec]] | None = None,
                  clock: Clock = time.monotonic, eject_base_s: float = 5.0, failures_to_eject: int = 3) -> None:
         self.clock = clock
         self.eject_base_s = eject_base_s
         self.failures_to_eject = failures_to_eject
         self.tiers: dict[str, TierRuntime] = {}
         for name, spec in policy.tiers.items():
-            pairs = [(i.id, i.url) for i in spec.instances] or (urls or {}).get(name, [])
-            self.tiers[name] = TierRuntime(name, spec, [InstanceState(name, iid, url.rstrip("/"))
-                                                        for iid, url in pairs])
+            specs = list(spec.instances) or (urls or {}).get(name, [])
+            self.tiers[name] = TierRuntime(name, spec, [
+                InstanceState(name, i.id, i.url.rstrip("/"), kv_events=i.kv_events,
+                              kv_capacity_blocks=i.kv_capacity_blocks) for i in specs])
 
-    def candidates(self, tiers: tuple[str, ...]) -> list[Candidate]:
+    def candidates(self, tiers: tuple[str, ...], cached: dict[str, int] | None = None) -> list[Candidate]:
+        """A snapshot of every instance of `tiers`; `cached`: expected cached tokens by candidate key."""
         now = self.clock()
         out = []
         for t in tiers:
@@ -60,8 +64,12 @@ class Registry:
                 out.append(Candidate(tier=t, instance_id=inst.instance_id, max_model_len=rt.spec.max_model_len,
                                      price_input=p.input, price_cached_input=p.cached_input,
                                      price_output=p.output, healthy=inst.serving(now),
-                                     in_flight=inst.in_flight))
+                                     in_flight=inst.in_flight,
+                                     cached_tokens=cached.get(f"{t}/{inst.instance_id}", 0) if cached else 0))
         return out
+
+    def capacity_blocks(self, inst: InstanceState) -> int:
+        return inst.kv_capacity_blocks or self.tiers[inst.tier].spec.affinity.capacity_blocks
 
     def instance(self, tier: str, instance_id: str) -> InstanceState:
         for inst in self.tiers[tier].instances:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from policies.plugins.bounded_load import BoundedLoad
 from policies.plugins.context_fits import ContextFits
 from policies.plugins.expected_cost import ExpectedCost
 from policies.plugins.healthy import Healthy
 from policies.plugins.load import Load
 from policies.plugins.max_score import MaxScore
+from policies.plugins.prefix_affinity import PrefixAffinity
 from policies.plugins.tier_allowed import TierAllowed
 from policies.types import Filter, Picker, Scorer
 
@@ -17,10 +19,12 @@ KNOWN_FILTERS: dict[str, Callable[..., Filter]] = {
     "tier_allowed": TierAllowed,
     "context_fits": ContextFits,
     "healthy": Healthy,
+    "bounded_load": BoundedLoad,
 }
 KNOWN_SCORERS: dict[str, Callable[..., Scorer]] = {
     "expected_cost": ExpectedCost,
     "load": Load,
+    "prefix_affinity": PrefixAffinity,
 }
 KNOWN_PICKERS: dict[str, Callable[..., Picker]] = {
     "max_score": MaxScore,

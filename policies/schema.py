@@ -24,6 +24,18 @@ class Prices(msgspec.Struct, **STRICT):
 class InstanceSpec(msgspec.Struct, **STRICT):
     id: str
     url: str
+    kv_events: str | None = None            # vLLM KV-event ZMQ endpoint, e.g. tcp://10.0.0.5:5557
+    kv_capacity_blocks: int | None = None   # KV capacity in blocks (else from /metrics, else the tier's)
+
+
+class AffinitySpec(msgspec.Struct, **STRICT):
+    """Prefix-cache affinity index for a tier (router/prefix_hash.py, router/affinity_store.py)."""
+
+    enabled: bool = True
+    dense_blocks: int = 64          # leading block positions that are all looked up
+    max_blocks: int = 512           # most block hashes looked up per request
+    ttl_s: float = 600.0            # an entry not refreshed for this long counts as evicted
+    capacity_blocks: int = 65536    # per-instance cap when neither the instance nor /metrics says
 
 
 class SimulateSpec(msgspec.Struct, **STRICT):
@@ -44,6 +56,7 @@ class TierSpec(msgspec.Struct, **STRICT):
     description: str = ""
     instances: list[InstanceSpec] = []
     simulate: SimulateSpec | None = None
+    affinity: AffinitySpec = AffinitySpec()
 
 
 class SloClass(msgspec.Struct, **STRICT):
@@ -205,8 +218,21 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
                 errs.append((f"{base}.prices.{price}", "must be >= 0"))
         if not tier.instances and tier.simulate is None:
             errs.append((f"{base}.instances", "a tier needs instances (or `simulate` for the embedded default)"))
+        aff = tier.affinity
+        if aff.dense_blocks < 1:
+            errs.append((f"{base}.affinity.dense_blocks", "must be >= 1"))
+        elif not aff.dense_blocks <= aff.max_blocks <= 1024:
+            errs.append((f"{base}.affinity.max_blocks", "must be between dense_blocks and 1024"))
+        if aff.ttl_s <= 0:
+            errs.append((f"{base}.affinity.ttl_s", "must be > 0"))
+        if aff.capacity_blocks < 1:
+            errs.append((f"{base}.affinity.capacity_blocks", "must be >= 1"))
         seen: set[str] = set()
         for i, inst in enumerate(tier.instances):
+            if inst.kv_events is not None and not re.match(r"^(tcp|ipc)://\S+$", inst.kv_events):
+                errs.append((f"{base}.instances[{i}].kv_events", "must be a ZMQ endpoint (tcp://host:port or ipc://)"))
+            if inst.kv_capacity_blocks is not None and inst.kv_capacity_blocks < 1:
+                errs.append((f"{base}.instances[{i}].kv_capacity_blocks", "must be >= 1"))
             if not re.match(r"^https?://[^/\s]+", inst.url):
                 errs.append((f"{base}.instances[{i}].url", "must be an http:// or https:// base URL"))
             if inst.id in seen:

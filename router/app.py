@@ -20,11 +20,14 @@ from backends.health import probe_forever, probe_once
 from backends.http_client import ClientLimits, UpstreamClient, make_client
 from backends.registry import Registry
 from backends.tokenization import TokenizerCache, tokenizer_executor
-from policies.schema import Policy, load_policy
+from policies.schema import InstanceSpec, Policy, load_policy
+from router.affinity_store import AffinityStore, Breaker
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
+from router.kv_events import InstanceIndexer, KVEventSubscriber
 from router.logs import get_logger
 from router.metrics import RouterMetrics
+from router.prefix_hash import tier_seed
 from router.settings import Settings
 
 _enc = msgspec.json.Encoder()
@@ -38,8 +41,25 @@ def make_redis(url: str, timeout_s: float) -> aioredis.Redis:
                                    single_connection_client=False)
 
 
+def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
+                   metrics: RouterMetrics) -> list[KVEventSubscriber]:
+    subs = []
+    for inst in registry.all_instances():
+        tier = policy.tiers[inst.tier]
+        if inst.kv_events is None or not tier.affinity.enabled:
+            continue
+        aff = tier.affinity
+        indexer = InstanceIndexer(tier_seed(inst.tier, tier.model, tier.block_size), tier.block_size,
+                                  aff.dense_blocks, aff.max_blocks, registry.capacity_blocks(inst))
+        subs.append(KVEventSubscriber(
+            inst.kv_events, inst.tier, inst.instance_id, indexer, store, aff.ttl_s,
+            capacity=lambda i=inst: registry.capacity_blocks(i),  # type: ignore[misc]
+            on_event=lambda kind, i=inst: metrics.child(metrics.kv_events, i.tier, i.instance_id, kind).inc()))  # type: ignore[misc]
+    return subs
+
+
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
-               redis: aioredis.Redis | None = None, instance_urls: dict[str, list[tuple[str, str]]] | None = None,
+               redis: aioredis.Redis | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
                tokenizers: TokenizerCache | None = None) -> Litestar:
     log = get_logger("tiergate")
     policy = policy or load_policy(settings.policy_path)
@@ -49,10 +69,17 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         connect_timeout_s=settings.upstream_connect_timeout_s, read_timeout_s=settings.upstream_read_timeout_s))
     metrics = RouterMetrics()
     executor = tokenizer_executor(4)
-    gw = Gateway(policy, registry, client, metrics, tokenizers or TokenizerCache(), executor,
-                 max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header)
     store = redis if redis is not None else (make_redis(settings.redis_url, settings.redis_timeout_s)
                                              if settings.redis_url else None)
+    aff_store = None
+    if store is not None:
+        aff_store = AffinityStore(
+            store, timeout_s=settings.affinity_timeout_s,
+            breaker=Breaker(settings.affinity_breaker_failures, settings.affinity_breaker_cooldown_s),
+            on_event=lambda op, result: metrics.child(metrics.affinity, op, result).inc())
+    gw = Gateway(policy, registry, client, metrics, tokenizers or TokenizerCache(), executor,
+                 max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
+                 affinity_store=aff_store)
     state: dict[str, Any] = {"redis_ok": False}
 
     @contextlib.asynccontextmanager
@@ -64,15 +91,20 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 state["redis_ok"] = True
             except Exception as exc:  # fail open: v1 keeps no request state in Redis
                 log.warning("redis_unavailable", error=type(exc).__name__)
-        task = asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe")
+        tasks = [asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe")]
+        if aff_store is not None:
+            for sub in kv_subscribers(policy, registry, aff_store, metrics):
+                tasks.append(asyncio.create_task(sub.run(), name=f"kv-events-{sub.tier}-{sub.instance}"))
         log.info("started", policy=settings.policy_path, policy_version=policy_version,
                  tiers={t: len(r.instances) for t, r in registry.tiers.items()}, http_client=client.name)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if aff_store is not None:
+                await aff_store.drain()
             await client.close()
             if store is not None and redis is None:
                 await store.aclose()

@@ -20,6 +20,8 @@ from backends.tokenization import TokenizerCache
 from policies.engine import build_profiles
 from policies.schema import Policy
 from policies.types import RoutingDecision, RoutingRequest
+from router.affinity import Affinity
+from router.affinity_store import AffinityStore
 from router.auth import KeyIndex
 from router.errors import ApiError
 from router.logs import get_logger
@@ -61,13 +63,14 @@ def _param_from_path(msg: str) -> str | None:
 class Gateway:
     def __init__(self, policy: Policy, registry: Registry, client: UpstreamClient, metrics: RouterMetrics,
                  tokenizers: TokenizerCache, executor: Any, *, max_attempts: int = 3,
-                 expose_decision: bool = False) -> None:
+                 expose_decision: bool = False, affinity_store: AffinityStore | None = None) -> None:
         self.policy = policy
         self.registry = registry
         self.metrics = metrics
         self.profiles = build_profiles(policy)
         self.keys = KeyIndex(policy)
         self.prompts = PromptTokenizer(policy, tokenizers, executor)
+        self.affinity = Affinity(policy, registry, affinity_store, executor)
         self.expose_decision = expose_decision
         self.log = get_logger("tiergate.request")
         self.forwarder = Forwarder(client, registry, max_attempts,
@@ -136,10 +139,12 @@ class Gateway:
         else:
             ids = await self.prompts.completion_ids(tiers, req)
         counts = {t: len(v) for t, v in ids.items()}
+        hashes = await self.affinity.hashes(tiers, ids)
+        cached, aff_status = await self.affinity.lookup(hashes)
         rreq = RoutingRequest(request_id=rid, tenant=tenant, virtual_model=req.model, route_tiers=tiers,
                               tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
                               default_completion_tokens=self.policy.defaults.completion_tokens)
-        decision = self.profiles[route.profile].decide(rreq, self.registry.candidates(tiers))
+        decision = self.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))
         if decision.chosen is None:
             raise self._no_candidate(rreq, decision)
         client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
@@ -156,9 +161,11 @@ class Gateway:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
 
         def done() -> None:
-            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision)
+            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status)
 
         up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out, done)
+        if out.tier is not None and out.instance is not None and up.status == 200:
+            self.affinity.record(out.tier, out.instance, hashes)
         headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "", "x-tiergate-instance": out.instance or "",
                    "x-tiergate-overhead-ms": f"{overhead * 1000:.3f}"}
         if self.expose_decision:
@@ -178,7 +185,7 @@ class Gateway:
                         headers={"Retry-After": "1"})
 
     def _close_out(self, rid: str, tenant: str, route: str, counts: dict[str, int], out: Outcome, t0: float,
-                   overhead: float, decision: RoutingDecision) -> None:
+                   overhead: float, decision: RoutingDecision, affinity: str = "off") -> None:
         now = time.perf_counter()
         tier = out.tier or "none"
         usage = out.usage
@@ -199,5 +206,6 @@ class Gateway:
                       completion_tokens=completion, cached_tokens=cached, cost_usd=round(cost, 8),
                       ttft_ms=round((out.first_byte_at - t0) * 1000, 2) if out.first_byte_at else None,
                       latency_ms=round((now - t0) * 1000, 2), overhead_ms=round(overhead * 1000, 3),
-                      attempts=out.attempts, failed=out.failed or None, error=out.error,
+                      attempts=out.attempts, failed=out.failed or None, error=out.error, affinity=affinity,
+                      expected_cached_tokens=out.expected_cached,
                       decision=decision.summary())

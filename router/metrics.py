@@ -30,6 +30,11 @@ class RouterMetrics:
                                ["tier", "reason"], registry=r)
         self.in_flight = Gauge("tiergate_instance_in_flight", "Requests in flight per instance.",
                                ["tier", "instance"], registry=r)
+        self.affinity = Counter("tiergate_affinity_ops", "Affinity index operations by result "
+                                "(ok, error, skipped while the breaker is open, dropped).", ["op", "result"],
+                                registry=r)
+        self.kv_events = Counter("tiergate_kv_events", "KV-event stream anomalies (gap, malformed, store_error).",
+                                 ["tier", "instance", "kind"], registry=r)
         self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
                              registry=r)
 

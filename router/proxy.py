@@ -31,6 +31,7 @@ class Outcome:
     attempts: int = 0
     error: str | None = None
     failed: list[str] = field(default_factory=list)
+    expected_cached: int | None = None  # what the affinity index expected on the chosen instance
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Forwarder:
                 continue
             self.registry.record_success(inst)
             out.tier, out.instance, out.status = cand.tier, cand.instance_id, resp.status
+            out.expected_cached = cand.cached_tokens
             if stream and resp.status == 200:
                 return Upstream(resp.status, {}, None,
                                 self._relay(resp, inst, client_wants_usage, out, on_done))

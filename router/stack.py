@@ -9,7 +9,7 @@ from pathlib import Path
 
 from backends.health import wait_http_ok
 from backends.valkey import EmbeddedValkey, free_port
-from policies.schema import Policy
+from policies.schema import InstanceSpec, Policy
 
 
 class EmbeddedStack:
@@ -23,22 +23,26 @@ class EmbeddedStack:
         self.valkey.start()
         return self.valkey.url
 
-    def start_sims(self, policy: Policy, host: str = "127.0.0.1") -> dict[str, list[tuple[str, str]]]:
-        urls: dict[str, list[tuple[str, str]]] = {}
+    def start_sims(self, policy: Policy, host: str = "127.0.0.1") -> dict[str, list[InstanceSpec]]:
+        """Start every simulated tier's replicas, each publishing vLLM KV events over ZMQ."""
+        urls: dict[str, list[InstanceSpec]] = {}
         pending: list[str] = []
         for name, tier in policy.tiers.items():
             if tier.instances or tier.simulate is None:
                 continue
             for i in range(tier.simulate.replicas):
-                port = free_port()
+                port, kv_port = free_port(), free_port()
+                kv = f"tcp://{host}:{kv_port}"
                 log = open(self.data_dir / f"sim-{name}-{i}.log", "ab")
                 self.sims.append(subprocess.Popen(
                     [sys.executable, "-m", "router.cli", "sim", "--profile", tier.simulate.profile,
                      "--host", host, "--port", str(port), "--served-model-name", tier.model,
-                     "--time-scale", str(tier.simulate.time_scale)],
+                     "--time-scale", str(tier.simulate.time_scale),
+                     "--kv-events-config", f'{{"enable_kv_cache_events": true, "publisher": "zmq", '
+                                           f'"endpoint": "{kv}", "topic": "kv-events"}}'],
                     stdout=log, stderr=subprocess.STDOUT))
                 url = f"http://{host}:{port}"
-                urls.setdefault(name, []).append((f"{name}-sim-{i}", url))
+                urls.setdefault(name, []).append(InstanceSpec(id=f"{name}-sim-{i}", url=url, kv_events=kv))
                 pending.append(url)
         deadline = time.monotonic() + 60
         for url in pending:

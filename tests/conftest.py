@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ import uvicorn
 
 from backends.health import wait_http_ok
 from backends.valkey import EmbeddedValkey, free_port
-from policies.schema import Policy
+from policies.schema import InstanceSpec, Policy
 from router.app import create_app
 from router.settings import Settings
 
@@ -83,12 +83,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @contextlib.asynccontextmanager
-async def serve_router(policy: Policy, urls: dict[str, list[tuple[str, str]]] | None = None,
+async def serve_router(policy: Policy, urls: Mapping[str, Sequence[tuple[str, str] | InstanceSpec]] | None = None,
                        **settings: object) -> AsyncIterator[str]:
     """An in-process router on a real socket, on the test's event loop."""
     port = free_port()
     s = Settings(port=port, probe_interval_s=3600, **settings)  # type: ignore[arg-type]
-    app = create_app(s, policy=policy, instance_urls=urls)
+    specs = {t: [i if isinstance(i, InstanceSpec) else InstanceSpec(id=i[0], url=i[1]) for i in lst]
+             for t, lst in (urls or {}).items()}
+    app = create_app(s, policy=policy, instance_urls=specs)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                            lifespan="on", access_log=False))
     task = asyncio.create_task(server.serve())

@@ -20,6 +20,7 @@ all multiplied by `time_scale` (1.0 = real time) and by a slow-start factor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
@@ -61,6 +62,10 @@ class SimRequest:
     def token_at(self, i: int) -> int:
         p = len(self.prompt_ids)
         return self.prompt_ids[i] if i < p else self.output_ids[i - p]
+
+
+def _block_tokens(req: SimRequest, bi: int, bs: int) -> list[int]:
+    return [req.token_at(j) for j in range(bi * bs, (bi + 1) * bs)]
 
 
 @dataclass
@@ -252,7 +257,11 @@ class Engine:
             req.num_computed += n
             for bi in range(before // bs, req.num_computed // bs):
                 h = req.hashes[bi] if bi < len(req.hashes) else self._extend_hash(req, bi)
-                self.kv.cache_block(req.blocks[bi], h)
+                if self.kv.listener is None:
+                    self.kv.cache_block(req.blocks[bi], h)
+                else:
+                    self.kv.cache_block(req.blocks[bi], h, req.hashes[bi - 1] if bi else None,
+                                        functools.partial(_block_tokens, req, bi, bs))
             if req.num_computed < req.total_len:
                 continue
             if req.first_token_at is None:

@@ -8,8 +8,8 @@
   then evicts from the LRU head. A request's blocks are freed tail-first, so a
   prompt's last blocks are evicted before its shared prefix (as vLLM does).
 * `usage` counts blocks held by running requests (cached free blocks are free).
-* Optional listener receives ("stored", hashes) and ("removed", hashes) events, the
-  shape of vLLM's KV-cache events.
+* An optional listener receives vLLM's KV-cache events (`backends.kv_events`):
+  BlockStored with the parent hash and the block's token ids, and BlockRemoved.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from backends.kv_events import BlockRemoved, BlockStored, KVEvent
+
 NONE_HASH = 0x5EED
-EventListener = Callable[[str, list[int]], None]
+EventListener = Callable[[KVEvent], None]
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = NONE_HASH) -> list[int]:
@@ -93,11 +95,12 @@ class KVCache:
             self._ref[b] = 1
             out.append(b)
         if evicted and self.listener:
-            self.listener("removed", evicted)
+            self.listener(BlockRemoved(block_hashes=list(evicted)))
         return out
 
-    def cache_block(self, block: int, h: int) -> None:
-        """Record that `block` now holds the full block with hash `h`."""
+    def cache_block(self, block: int, h: int, parent: int | None = None,
+                    tokens: Callable[[], list[int]] | None = None) -> None:
+        """Record that `block` now holds the full block with hash `h` (child of `parent`)."""
         if not self.enable_prefix_caching or block in self._hash_of:
             return
         if h in self._by_hash:  # another block already holds these tokens
@@ -105,7 +108,8 @@ class KVCache:
         self._hash_of[block] = h
         self._by_hash[h] = block
         if self.listener:
-            self.listener("stored", [h])
+            self.listener(BlockStored(block_hashes=[h], parent_block_hash=parent,
+                                      token_ids=tokens() if tokens else [], block_size=self.block_size))
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference from each block, tail first."""
@@ -129,5 +133,5 @@ class KVCache:
             self._never_cached.append(b)
         self._evictable.clear()
         if removed and self.listener:
-            self.listener("removed", removed)
+            self.listener(BlockRemoved(block_hashes=list[int | bytes](removed)))
         return True

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from backends.sim.faults import Faults
+from backends.sim.kv_publisher import KVEventPublisher, parse_kv_events_config
 from backends.sim.profile import get_profile
 from backends.sim.server import SimServer
 from backends.tokenization import TierTokenizer, TokenizerCache
@@ -41,11 +42,15 @@ _TOKENIZERS = TokenizerCache()
 async def start_sim(profile: str, *, host: str = "127.0.0.1", port: int = 0, time_scale: float = 1.0,
                     num_gpu_blocks: int | None = None, served_model_name: str | None = None,
                     faults: Faults | None = None, tokenizer: TierTokenizer | None = None,
-                    instance_id: str = "sim", **overrides: object) -> RunningSim:
+                    instance_id: str = "sim", kv_events: tuple[str, str] | None = None,
+                    **overrides: object) -> RunningSim:
+    """Start one simulated vLLM server; `kv_events` = (ZMQ endpoint, topic) to publish KV events."""
     prof = get_profile(profile, **overrides)
     tok = tokenizer or _TOKENIZERS.get(None)
     server = SimServer(prof, tok, served_model_name=served_model_name, num_gpu_blocks=num_gpu_blocks,
                        time_scale=time_scale, faults=faults, instance_id=instance_id)
+    if kv_events is not None:
+        server.publish_kv_events(KVEventPublisher(*kv_events))
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     sock = _nodelay_socket(host, port)
@@ -82,6 +87,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut-after-chunks", type=int, default=0)
     p.add_argument("--malformed", default="", choices=["", "json", "sse"])
     p.add_argument("--slow-start", type=float, default=0.0)
+    p.add_argument("--kv-events-config", default=None,
+                   help='vLLM\'s JSON, e.g. {"enable_kv_cache_events": true, "publisher": "zmq", '
+                        '"endpoint": "tcp://*:5557", "topic": "kv-events"}')
 
 
 def run_sim_cli(args: argparse.Namespace) -> None:
@@ -97,7 +105,8 @@ def run_sim_cli(args: argparse.Namespace) -> None:
                               num_gpu_blocks=args.num_gpu_blocks_override,
                               served_model_name=args.served_model_name, faults=faults,
                               max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens)
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              kv_events=parse_kv_events_config(args.kv_events_config))
         print(f"tiergate sim {args.profile} serving {sim.server.model} on {sim.url}", flush=True)
         try:
             await asyncio.Event().wait()

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from backends.sim.engine import Engine, SimRequest
 from backends.sim.faults import Faults
+from backends.sim.kv_publisher import KVEventPublisher
 from backends.sim.metrics import EngineMetrics
 from backends.sim.profile import SimProfile
 from backends.tokenization import TierTokenizer
@@ -74,6 +75,11 @@ class SimServer:
                              output_vocab=words, enable_prefix_caching=enable_prefix_caching)
         self.engine.slow_factor = self._slow_factor
         self.metrics = EngineMetrics(self.engine, self.model)
+        self.kv_publisher: KVEventPublisher | None = None
+
+    def publish_kv_events(self, publisher: KVEventPublisher) -> None:
+        self.kv_publisher = publisher
+        self.engine.kv.listener = publisher.add
 
     def _slow_factor(self) -> float:
         f = self.faults
@@ -107,6 +113,8 @@ class SimServer:
 
     async def _on_cleanup(self, _app: web.Application) -> None:
         await self.engine.stop()
+        if self.kv_publisher is not None:
+            self.kv_publisher.close()
 
     # --- small endpoints --------------------------------------------------------
     async def health(self, _r: web.Request) -> web.Response:

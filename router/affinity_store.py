@@ -1,0 +1,225 @@
+"""The shared prefix-affinity index in Redis: one sorted set per (tier, instance).
+
+Layout: `{tiergate-aff}:<tier>:<instance>` is a ZSET of 8-byte block hashes (see
+`prefix_hash`). A member's score is `redis_ms * 1024 - i`, where i is the block's
+sample index in the request that recorded it: newer requests score higher, and
+within a request the tail scores lower than the prefix, so trimming the lowest
+scores evicts least-recently-used chains tail first, like vLLM's block pool.
+
+* `lookup`: one EVALSHA for all tiers and instances of a request. For each instance
+  it binary-searches the request's sampled hashes for the longest present prefix
+  (entries older than the TTL count as absent) and returns the matched count.
+* `record`: after dispatch, ZADD the chosen instance's hashes, drop entries older
+  than the TTL, trim to the instance's KV capacity in blocks, and PEXPIRE the key.
+* `remove` / `clear`: engine KV events (BlockRemoved, AllBlocksCleared).
+
+Scripts use Redis' TIME, so every replica shares one clock. All keys share one hash
+tag, so the scripts also run on a Redis Cluster.
+
+Failure mode: affinity fails open. Every call has a short timeout; failures feed a
+circuit breaker (closed -> open for `cooldown_s` after `failures` consecutive errors
+-> one half-open trial). While it is open, lookups return no matches at once and
+records are dropped; routing goes on by load and cost. Each skip and error is
+counted, and breaker transitions are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from router.logs import get_logger
+
+_LOOKUP = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local min_score = (now_ms - tonumber(ARGV[1])) * 1024 - 1024
+local out = {}
+local a = 3
+local k = 1
+for g = 1, tonumber(ARGV[2]) do
+  local nkeys = tonumber(ARGV[a]); local nh = tonumber(ARGV[a + 1]); local h0 = a + 1
+  a = a + 2 + nh
+  for _ = 1, nkeys do
+    local key = KEYS[k]; k = k + 1
+    local lo, hi = 0, nh
+    while lo < hi do
+      local mid = math.floor((lo + hi + 1) / 2)
+      local s = redis.call('ZSCORE', key, ARGV[h0 + mid])
+      if s and tonumber(s) >= min_score then lo = mid else hi = mid - 1 end
+    end
+    out[#out + 1] = lo
+  end
+end
+return out
+"""
+
+_RECORD = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1]); local cap = tonumber(ARGV[2])
+local base = now_ms * 1024
+local args = {}
+for i = 3, #ARGV do
+  args[#args + 1] = base - (i - 3); args[#args + 1] = ARGV[i]
+  if #args >= 2000 then redis.call('ZADD', KEYS[1], unpack(args)); args = {} end
+end
+if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%.0f', (now_ms - ttl) * 1024 - 1024))
+local n = redis.call('ZCARD', KEYS[1])
+if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1) end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return n > cap and cap or n
+"""
+
+Clock = Callable[[], float]
+
+
+def index_key(tier: str, instance: str) -> str:
+    return f"{{tiergate-aff}}:{tier}:{instance}"
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker with a half-open trial; the clock is injected."""
+
+    def __init__(self, failures: int = 3, cooldown_s: float = 5.0, clock: Clock = time.monotonic) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.consecutive = 0
+        self.open_until: float | None = None
+        self.trial = False
+
+    @property
+    def state(self) -> str:
+        if self.open_until is None:
+            return "closed"
+        return "half_open" if self.clock() >= self.open_until else "open"
+
+    def allow(self) -> bool:
+        if self.open_until is None:
+            return True
+        if self.clock() < self.open_until or self.trial:
+            return False
+        self.trial = True  # one trial call while half-open
+        return True
+
+    def success(self) -> bool:
+        """Record a success; True if this closed an open breaker."""
+        was_open = self.open_until is not None
+        self.consecutive, self.open_until, self.trial = 0, None, False
+        return was_open
+
+    def failure(self) -> bool:
+        """Record a failure; True if this opened the breaker."""
+        self.consecutive += 1
+        self.trial = False
+        if self.open_until is not None or self.consecutive >= self.failures:
+            opened = self.open_until is None or self.clock() >= self.open_until
+            self.open_until = self.clock() + self.cooldown_s
+            return opened
+        return False
+
+
+class AffinityStore:
+    def __init__(self, redis: aioredis.Redis, *, timeout_s: float = 0.05, breaker: Breaker | None = None,
+                 on_event: Callable[[str, str], None] | None = None, max_pending: int = 1024) -> None:
+        self.redis = redis
+        self.timeout_s = timeout_s
+        self.breaker = breaker or Breaker()
+        self.on_event = on_event or (lambda _op, _result: None)
+        self.max_pending = max_pending
+        self._lookup = redis.register_script(_LOOKUP)
+        self._record = redis.register_script(_RECORD)
+        self._pending: set[asyncio.Task[Any]] = set()
+        self.log = get_logger("tiergate.affinity")
+
+    async def _call(self, op: str, coro: Any) -> Any:
+        try:
+            result = await asyncio.wait_for(coro, self.timeout_s)
+        except Exception as exc:
+            self.on_event(op, "error")
+            if self.breaker.failure():
+                self.log.warning("affinity_breaker_open", op=op, error=type(exc).__name__,
+                                 cooldown_s=self.breaker.cooldown_s)
+            raise
+        if self.breaker.success():
+            self.log.info("affinity_breaker_closed", op=op)
+        return result
+
+    async def lookup(self, groups: Sequence[tuple[str, Sequence[str], Sequence[bytes]]],
+                     ttl_s: float) -> dict[tuple[str, str], int] | None:
+        """For each (tier, instances, hashes): matched leading hashes per (tier, instance).
+
+        None when the index is unavailable (breaker open, timeout, error): fail open."""
+        groups = [g for g in groups if g[1] and g[2]]
+        if not groups:
+            return {}
+        if not self.breaker.allow():
+            self.on_event("lookup", "skipped")
+            return None
+        keys: list[str] = []
+        argv: list[Any] = [int(ttl_s * 1000), len(groups)]
+        for tier, instances, hashes in groups:
+            keys.extend(index_key(tier, i) for i in instances)
+            argv.extend((len(instances), len(hashes)))
+            argv.extend(hashes)
+        try:
+            res = await self._call("lookup", self._lookup(keys=keys, args=argv))
+        except Exception:
+            return None
+        out: dict[tuple[str, str], int] = {}
+        k = 0
+        for tier, instances, _h in groups:
+            for inst in instances:
+                out[(tier, inst)] = int(res[k])
+                k += 1
+        self.on_event("lookup", "ok")
+        return out
+
+    async def record(self, tier: str, instance: str, hashes: Sequence[bytes], ttl_s: float,
+                     capacity_blocks: int) -> int | None:
+        """Add `hashes` for an instance; returns the tracked block count, None on failure."""
+        if not hashes:
+            return 0
+        if not self.breaker.allow():
+            self.on_event("record", "skipped")
+            return None
+        try:
+            n = await self._call("record", self._record(keys=[index_key(tier, instance)],
+                                                         args=[int(ttl_s * 1000), capacity_blocks, *hashes]))
+        except Exception:
+            return None
+        self.on_event("record", "ok")
+        return int(n)
+
+    def record_later(self, tier: str, instance: str, hashes: Sequence[bytes], ttl_s: float,
+                     capacity_blocks: int) -> None:
+        """Fire-and-forget `record` after dispatch; bounded, so a slow Redis can't pile up tasks."""
+        if not hashes:
+            return
+        if len(self._pending) >= self.max_pending:
+            self.on_event("record", "dropped")
+            return
+        task = asyncio.get_running_loop().create_task(self.record(tier, instance, hashes, ttl_s, capacity_blocks))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def remove(self, tier: str, instance: str, hashes: Sequence[bytes]) -> None:
+        if hashes:
+            await self._call("remove", self.redis.zrem(index_key(tier, instance), *hashes))
+
+    async def clear(self, tier: str, instance: str) -> None:
+        await self._call("clear", self.redis.delete(index_key(tier, instance)))
+
+    async def size(self, tier: str, instance: str) -> int:
+        return int(await self.redis.zcard(index_key(tier, instance)))
+
+    async def drain(self) -> None:
+        """Wait for pending records (shutdown and tests)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
