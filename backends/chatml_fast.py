@@ -35,6 +35,15 @@ class ChatMLVariant:
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
                enable_thinking: bool | None) -> str:
+        return "".join(self.segments(messages, add_generation_prompt, enable_thinking))
+
+    def segments(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
+                 enable_thinking: bool | None) -> list[str]:
+        """The rendered text in pieces that each start with a special token (<|im_start|>).
+
+        Tokenizers split on special tokens before anything else, so the ids of the
+        whole text are exactly the concatenated ids of these pieces: a conversation's
+        earlier messages can be tokenized once and reused on every later turn."""
         parts: list[str] = []
         n = len(messages)
         last_user = n - 1  # Qwen3: with no user turn, the last message counts as the query
@@ -51,8 +60,8 @@ class ChatMLVariant:
         if add_generation_prompt:
             parts.append("<|im_start|>assistant\n")
             if self.think_off and enable_thinking is False:
-                parts.append("<think>\n\n</think>\n\n")
-        return "".join(parts)
+                parts[-1] += "<think>\n\n</think>\n\n"
+        return parts
 
 
 def plain(messages: Sequence[Mapping[str, Any]], tools: Any, extra: Mapping[str, Any] | None) -> bool:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import datetime
@@ -85,6 +86,7 @@ class TierTokenizer:
         template = getattr(hf, "chat_template", None)
         self._template = _compile_template(template) if isinstance(template, str) else None
         self._fast = chatml_fast.probe(self._render_jinja) if self._template is not None else None
+        self._segments = SegmentCache()
         self._splittable = _is_byte_level(backend)
         self._encode_one = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self.vocab_size = int(backend.get_vocab_size())
@@ -106,6 +108,23 @@ class TierTokenizer:
         if self._fast is not None and chatml_fast.plain(messages, tools, extra):
             return self._fast.render(messages, add_generation_prompt, (extra or {}).get("enable_thinking"))
         return self._render_jinja(messages, add_generation_prompt, extra, tools)
+
+    async def encode_chat(self, messages: Sequence[Mapping[str, Any]], executor: Executor | None = None, *,
+                          tools: Sequence[Any] | None = None, add_generation_prompt: bool = True,
+                          extra: Mapping[str, Any] | None = None) -> list[int]:
+        """Exact prompt ids of a chat. Plain chats on a verified ChatML template reuse the ids of
+        messages seen before (multi-turn chats resend their history every turn)."""
+        if self._fast is None or not chatml_fast.plain(messages, tools, extra):
+            text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt, extra=extra)
+            return await self.encode(text, executor)
+        ids: list[int] = []
+        for seg in self._fast.segments(messages, add_generation_prompt, (extra or {}).get("enable_thinking")):
+            got = self._segments.get(seg)
+            if got is None:
+                got = await self.encode(seg, executor)
+                self._segments.put(seg, got)
+            ids.extend(got)
+        return ids
 
     @property
     def fast_chat(self) -> bool:
@@ -254,6 +273,36 @@ def _compile_template(source: str) -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env.from_string(source)
+
+
+class SegmentCache:
+    """LRU of chat segment text -> token ids, bounded by total characters; long segments are not kept."""
+
+    def __init__(self, max_chars: int = 32 * 1024 * 1024, max_segment_chars: int = 64 * 1024) -> None:
+        self.max_chars = max_chars
+        self.max_segment_chars = max_segment_chars
+        self.chars = 0
+        self._d: OrderedDict[str, list[int]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, seg: str) -> list[int] | None:
+        got = self._d.get(seg)
+        if got is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._d.move_to_end(seg)
+        return got
+
+    def put(self, seg: str, ids: list[int]) -> None:
+        if len(seg) > self.max_segment_chars or seg in self._d:
+            return
+        self._d[seg] = ids
+        self.chars += len(seg)
+        while self.chars > self.max_chars:
+            old, _ = self._d.popitem(last=False)
+            self.chars -= len(old)
 
 
 class TokenizerCache:

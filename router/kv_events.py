@@ -1,20 +1,21 @@
 """Correct the affinity index from an engine's KV-cache events (vLLM's ZMQ publisher).
 
-One lifespan-owned task per instance that names a `kv_events` endpoint subscribes
-to it. BlockStored events carry each block's token ids and the engine's parent hash;
-we keep a bounded map engine hash -> (our chained hash, block position) so that our
-own hash of every stored block can be computed exactly as the router computes it
-from a prompt (`prefix_hash`). Sampled positions are then added to the instance's
-index; BlockRemoved removes them, AllBlocksCleared drops the instance's index.
-A block whose parent we never saw (we joined mid-stream or lost messages) is
-skipped: the index stays approximate there and ages out on its TTL. Gaps in the
-publisher's sequence numbers are counted (vLLM's replay socket is not used).
+One lifespan-owned task per instance that names a `kv_events` endpoint subscribes to
+it. BlockStored events carry each block's token ids and the engine's parent hash; a
+bounded map engine hash -> (our chained hash, block position) lets us compute our own
+hash of every stored block exactly as the router computes it from a prompt
+(`prefix_hash`). Sampled positions are added to the instance's index, BlockRemoved
+removes them, AllBlocksCleared drops the instance's index. Changes are coalesced and
+written every `flush_s` (one ZREM and one record script per flush, not one per
+engine step). A block whose parent we never saw (we joined mid-stream or lost
+messages) is skipped: the index stays approximate there and ages out on its TTL.
+Gaps in the publisher's sequence numbers are counted (vLLM's replay socket is not
+used).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -79,7 +80,8 @@ class InstanceIndexer:
 
 class KVEventSubscriber:
     def __init__(self, endpoint: str, tier: str, instance: str, indexer: InstanceIndexer, store: AffinityStore,
-                 ttl_s: float, capacity: Callable[[], int], on_event: Callable[[str], None] | None = None) -> None:
+                 ttl_s: float, capacity: Callable[[], int], on_event: Callable[[str], None] | None = None,
+                 flush_s: float = 0.02) -> None:
         self.endpoint = endpoint
         self.tier = tier
         self.instance = instance
@@ -90,9 +92,13 @@ class KVEventSubscriber:
         self.on_event = on_event or (lambda _kind: None)
         self.last_seq: int | None = None
         self.applied = 0
+        self.flush_s = flush_s
+        self.pending: dict[bytes, bool] = {}   # our hash -> added (True) or removed (False), last wins
+        self.clear_pending = False
         self.log = get_logger("tiergate.kv_events")
 
-    async def handle(self, frames: list[bytes]) -> None:
+    def ingest(self, frames: list[bytes]) -> None:
+        """Apply one published message to the indexer; index changes wait in `pending`."""
         if len(frames) < 3:
             return
         seq = int.from_bytes(frames[1], "big")
@@ -104,26 +110,36 @@ class KVEventSubscriber:
         except msgspec.DecodeError:
             self.on_event("malformed")
             return
-        added: list[bytes] = []
-        removed: list[bytes] = []
         for ev in batch.events:
-            a, r, cleared = self.indexer.apply(ev)
+            added, removed, cleared = self.indexer.apply(ev)
             if cleared:
-                added, removed = [], []
-                with contextlib.suppress(Exception):
-                    await self.store.clear(self.tier, self.instance)
-            added.extend(a)
-            removed.extend(r)
+                self.pending.clear()
+                self.clear_pending = True
+            for h in removed:
+                self.pending[h] = False
+            for h in added:
+                self.pending[h] = True
             self.applied += 1
+
+    async def flush(self) -> None:
+        """Write what changed since the last flush: one remove and one record call at most."""
+        pending, self.pending = self.pending, {}
+        clear, self.clear_pending = self.clear_pending, False
         try:
+            if clear:
+                await self.store.clear(self.tier, self.instance)
+            removed = [h for h, add in pending.items() if not add]
+            added = [h for h, add in pending.items() if add]
             if removed:
-                gone = set(removed)
-                added = [h for h in added if h not in gone]
                 await self.store.remove(self.tier, self.instance, removed)
             if added:
                 await self.store.record(self.tier, self.instance, added, self.ttl_s, self.capacity())
         except Exception:  # fail open; the store counts and logs it
             self.on_event("store_error")
+
+    async def handle(self, frames: list[bytes]) -> None:
+        self.ingest(frames)
+        await self.flush()
 
     async def run(self) -> None:
         ctx = zmq.asyncio.Context.instance()
@@ -132,11 +148,19 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(self.endpoint)
         self.log.info("kv_events_subscribed", tier=self.tier, instance=self.instance)
+        loop = asyncio.get_running_loop()
+        last_flush = loop.time()
         try:
             while True:
-                frames = await sock.recv_multipart()
-                await self.handle(frames)
-        except asyncio.CancelledError:
-            raise
+                if await sock.poll(timeout=int(self.flush_s * 1000)):
+                    while True:  # drain what has arrived, then write it to Redis in one go
+                        try:
+                            self.ingest(await sock.recv_multipart(flags=zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                if (self.pending or self.clear_pending) and (
+                        loop.time() - last_flush >= self.flush_s or len(self.pending) > 4096):
+                    await self.flush()
+                    last_flush = loop.time()
         finally:
             sock.close(linger=0)

@@ -35,12 +35,12 @@ class PromptTokenizer:
             tok = self.by_tier[t]
             if id(tok) not in done:
                 try:
-                    text = tok.render_chat(msgs, tools=req.tools, add_generation_prompt=req.add_generation_prompt,
-                                           extra=extra)
+                    done[id(tok)] = await tok.encode_chat(msgs, self.executor, tools=req.tools,
+                                                          add_generation_prompt=req.add_generation_prompt,
+                                                          extra=extra)
                 except Exception as exc:
                     raise ApiError(400, f"messages could not be rendered with the chat template: {exc}",
                                    param="messages", code="invalid_messages") from None
-                done[id(tok)] = await tok.encode(text, self.executor)
             out[t] = done[id(tok)]
         return out
 

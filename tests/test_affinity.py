@@ -178,8 +178,17 @@ def rreq(prompt: int) -> RoutingRequest:
 
 @pytest.mark.parametrize(("params", "prompt", "cands", "want"), [
     ({}, 2000, [cand("a", cached=1000), cand("b")], [0.5, 0.0]),
-    ({"min_match_tokens": 1200}, 2000, [cand("a", cached=1000), cand("b", cached=1600)], [0.0, 0.8]),
-    ({"min_match_ratio": 0.6}, 2000, [cand("a", cached=1000), cand("b", cached=1600)], [0.0, 0.8]),
+    # with two instances the shorter match is common: only what goes beyond it counts
+    ({"min_match_tokens": 500}, 2000, [cand("a", cached=1000), cand("b", cached=1600)], [0.0, 0.3]),
+    ({"min_match_tokens": 700}, 2000, [cand("a", cached=1000), cand("b", cached=1600)], [0.0, 0.0]),
+    ({"min_match_ratio": 0.6}, 2000, [cand("a", cached=1600), cand("b")], [0.8, 0.0]),
+    ({"min_match_ratio": 0.6}, 2000, [cand("a", cached=1000), cand("b")], [0.0, 0.0]),
+    # a hot system prompt held by 3 of 4 instances is common: no affinity at all
+    ({}, 3700, [cand("a", cached=3600), cand("b", cached=3600), cand("c", cached=3600), cand("d")], [0.0] * 4),
+    # a conversation's history on one instance is affinity; the prompt on two is not yet common
+    ({}, 5000, [cand("a", cached=4000), cand("b", cached=1000), cand("c"), cand("d")], [0.8, 0.2, 0.0, 0.0]),
+    ({"common_share": 0.3}, 5000, [cand("a", cached=4000), cand("b", cached=1000), cand("c"), cand("d")],
+     [0.6, 0.0, 0.0, 0.0]),
     ({}, 1000, [cand("a", cached=5000)], [1.0]),                       # never above the prompt
     ({}, 2000, [cand("a", cached=100)], [0.0]),                        # below the default 256 minimum
     # imbalance needs both thresholds: gap > 16 and max > 1.5 x min
@@ -199,6 +208,7 @@ def test_prefix_affinity_guards(params: dict[str, float], prompt: int, cands: li
 
 
 @pytest.mark.parametrize(("c", "loads", "kept"), [
+    (1.25, [3, 0, 0, 0, 1], ["a", "b", "c", "d"]),   # default min_bound 4: nobody overloaded yet
     (1.25, [0, 0, 0, 0], ["a", "b", "c", "d"]),
     (1.25, [3, 0, 0, 0], ["b", "c", "d"]),        # bound ceil(1.25 * 4 / 4) = 2: a (3 + 1) is out
     (1.5, [6, 4, 4, 2], ["a", "b", "c", "d"]),     # bound ceil(1.5 * 17 / 4) = 7: a (6 + 1) just fits
@@ -207,16 +217,23 @@ def test_prefix_affinity_guards(params: dict[str, float], prompt: int, cands: li
     (1.0, [9, 1, 1, 1], ["b", "c", "d"]),          # bound ceil(13 / 4) = 4
 ])
 def test_bounded_load(c: float, loads: list[int], kept: list[str]) -> None:
+    if len(loads) == 5:  # the last entry: use the default min_bound
+        cands = [cand(n, load) for n, load in zip("abcd", loads[:4], strict=True)]
+        assert [x.instance_id for x in BoundedLoad(c).filter(rreq(100), cands)[0]] == kept
+        return
     cands = [cand(n, load) for n, load in zip("abcd", loads, strict=True)]
-    assert [x.instance_id for x in BoundedLoad(c).filter(rreq(100), cands)[0]] == kept
+    assert [x.instance_id for x in BoundedLoad(c, min_bound=1).filter(rreq(100), cands)[0]] == kept
 
 
 def test_invalid_guard_params_are_rejected() -> None:
-    for bad in ({"min_match_tokens": -1}, {"min_match_ratio": 2.0}, {"balance_rel_threshold": 0.5}):
+    for bad in ({"min_match_tokens": -1}, {"min_match_ratio": 2.0}, {"balance_rel_threshold": 0.5},
+                {"common_share": 1.0}):
         with pytest.raises(ValueError):
             PrefixAffinity(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         BoundedLoad(0.9)
+    with pytest.raises(ValueError):
+        BoundedLoad(1.5, min_bound=0)
 
 
 # --- through the router, over real sockets -------------------------------------------------

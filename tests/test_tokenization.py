@@ -52,6 +52,18 @@ def test_fast_path_renders_exactly_like_the_jinja_template(msgs: list[dict[str, 
         tok._render_jinja(msgs, agp, extra)
 
 
+@settings(max_examples=200, deadline=None)
+@given(msgs=plain_chat(), more=plain_chat(), thinking=st.sampled_from([None, False]))
+def test_chat_ids_from_cached_segments_equal_encoding_the_whole_text(msgs: list[dict[str, str]],
+                                                                     more: list[dict[str, str]],
+                                                                     thinking: bool | None) -> None:
+    tok = qwen3()
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    for conv in (msgs, msgs + [m for m in more if m["role"] != "system"]):  # the second reuses the first's segments
+        whole = tok.encode_sync(tok._render_jinja(conv, True, extra))
+        assert asyncio.run(tok.encode_chat(conv, extra=extra)) == whole
+
+
 def test_compiled_template_matches_transformers_apply_chat_template() -> None:
     from transformers import AutoTokenizer
 
