@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck check bench-overhead bench-sim clean
+.PHONY: help install run test lint typecheck check bench-overhead bench-sim bench-affinity clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -35,6 +35,11 @@ check: lint typecheck test ## lint, typecheck and test
 
 bench-overhead: $(STAMP) ## router overhead vs direct (bench/overhead.py)
 	$(BIN)/python bench/overhead.py
+
+bench-affinity: $(STAMP) ## prefix affinity vs round robin, least-loaded, sglang-router (bench/affinity.py)
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python bench/affinity.py
+	$(BIN)/python bench/affinity_memory.py
 
 bench-sim: $(STAMP) ## simulator calibration table (bench/sim_calibration.py)
 	$(BIN)/python bench/sim_calibration.py

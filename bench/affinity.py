@@ -73,9 +73,9 @@ profiles:
       - {{type: tier_allowed}}
       - {{type: context_fits}}
       - {{type: healthy}}
-      - {{type: bounded_load, params: {{c: 1.25}}}}
+      - {{type: bounded_load, params: {{c: 3.0}}}}
     scorers:
-      - {{type: prefix_affinity, weight: 10, params: {{min_match_tokens: 256}}}}
+      - {{type: prefix_affinity, weight: 10, params: {{min_match_tokens: 64, shared_weight: 0.05}}}}
       - {{type: load, weight: 1, params: {{scale: 4}}}}
     picker: {{type: max_score}}
 """
@@ -111,6 +111,8 @@ class Result:
     out_tokens: int = 0
     requests: int = 0
     errors: int = 0
+    turns: int = 0
+    switches: int = 0   # a turn served by another instance than the conversation's previous turn
 
 
 class Picker:
@@ -137,6 +139,7 @@ async def run_conversation(s: aiohttp.ClientSession, conv: Conversation, picker:
                            res: Result, t0: float, think: random.Random) -> None:
     await asyncio.sleep(max(0.0, t0 + conv.start - time.perf_counter()))
     msgs: list[dict[str, str]] = [{"role": "system", "content": conv.system}]
+    prev: str | None = None
     for user in conv.users:
         msgs.append({"role": "user", "content": user})
         j = picker.pick()
@@ -151,6 +154,11 @@ async def run_conversation(s: aiohttp.ClientSession, conv: Conversation, picker:
                 if r.status != 200:
                     res.errors += 1
                     return
+                inst = r.headers.get("x-tiergate-instance")
+                if inst is not None:
+                    res.turns += prev is not None
+                    res.switches += prev is not None and inst != prev
+                    prev = inst
                 async for line in r.content:
                     if not line.startswith(b"data: {"):
                         continue
@@ -265,7 +273,7 @@ def measure(name: str, convs: list[Conversation], picker: Picker, model: str, he
            "ttft_p50_ms": pct(res.ttft, 50), "ttft_p99_ms": pct(res.ttft, 99), "req_s": res.requests / wall,
            "out_tok_s": res.out_tokens / wall, "spread": max(per) / statistics.mean(per) if sum(per) else 0.0,
            "per_instance": [int(x) for x in per], "router_cpu_ms_per_req": cpu / max(res.requests, 1) * 1000,
-           "router_cpu_util": cpu / wall}
+           "router_cpu_util": cpu / wall, "switch_rate": res.switches / res.turns if res.turns else None}
     print(json.dumps(row), flush=True)
     return row
 
@@ -278,6 +286,9 @@ def main() -> None:
     ap.add_argument("--hot", default="tiergate-1,sglang-1,least_loaded", help="policies for the hot-prompt run")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--time-scale", type=float, default=4.0,
+                    help="instances run this many times slower than an H200 (a smaller GPU), so that this 2-core "
+                         "machine can drive them busy")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tg-affinity-"))
     procs = Procs()
@@ -290,7 +301,7 @@ def main() -> None:
             cfg = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
                               "endpoint": f"tcp://127.0.0.1:{kv}", "topic": "kv-events"})
             procs.start([sys.executable, "-m", "router.cli", "sim", "--profile", PROFILE, "--port", str(port),
-                         "--kv-events-config", cfg], tmp / f"sim{i}.log")
+                         "--time-scale", str(args.time_scale), "--kv-events-config", cfg], tmp / f"sim{i}.log")
             sims.append(f"http://127.0.0.1:{port}")
             kvs.append(f"tcp://127.0.0.1:{kv}")
         for u in sims:
@@ -349,7 +360,8 @@ def main() -> None:
                 rows.append(row)
     finally:
         procs.stop()
-    print(f"\n## Prefix affinity: {args.conversations} conversations, {args.rate}/s, 4 x {PROFILE} instances\n")
+    print(f"\n## Prefix affinity: {args.conversations} conversations, {args.rate}/s, 4 x {PROFILE} instances "
+          f"at time scale {args.time_scale}\n")
     print("| workload | policy | requests | errors | prefix hit rate | TTFT p50 ms | TTFT p99 ms | req/s | "
           "output tok/s | load spread (max/mean) | requests per instance | router CPU ms/req | router CPU util |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

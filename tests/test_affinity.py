@@ -179,32 +179,41 @@ def rreq(prompt: int) -> RoutingRequest:
 @pytest.mark.parametrize(("params", "prompt", "cands", "want"), [
     ({}, 2000, [cand("a", cached=1000), cand("b")], [0.5, 0.0]),
     # with two instances the shorter match is common: only what goes beyond it counts
-    ({"min_match_tokens": 500}, 2000, [cand("a", cached=1000), cand("b", cached=1600)], [0.0, 0.3]),
+    ({"min_match_tokens": 500}, 2000, [cand("a", cached=1000), cand("b", cached=1600)], [0.0, 0.6]),
     ({"min_match_tokens": 700}, 2000, [cand("a", cached=1000), cand("b", cached=1600)], [0.0, 0.0]),
     ({"min_match_ratio": 0.6}, 2000, [cand("a", cached=1600), cand("b")], [0.8, 0.0]),
     ({"min_match_ratio": 0.6}, 2000, [cand("a", cached=1000), cand("b")], [0.0, 0.0]),
     # a hot system prompt held by 3 of 4 instances is common: no affinity at all
     ({}, 3700, [cand("a", cached=3600), cand("b", cached=3600), cand("c", cached=3600), cand("d")], [0.0] * 4),
-    # a conversation's history on one instance is affinity; the prompt on two is not yet common
-    ({}, 5000, [cand("a", cached=4000), cand("b", cached=1000), cand("c"), cand("d")], [0.8, 0.2, 0.0, 0.0]),
+    # a conversation's history on one instance is affinity; what two instances hold is common
+    ({}, 5000, [cand("a", cached=4000), cand("b", cached=1000), cand("c"), cand("d")], [0.75, 0.0, 0.0, 0.0]),
+    ({}, 5000, [cand("a", cached=4000), cand("b"), cand("c"), cand("d")], [0.8, 0.0, 0.0, 0.0]),
+    ({"common_share": 0.6}, 5000, [cand("a", cached=4000), cand("b", cached=1000), cand("c"), cand("d")],
+     [0.8, 0.2, 0.0, 0.0]),
+    # shared_weight: a small pull towards any cached prefix, the hot prompt included
+    ({"shared_weight": 0.1}, 4000, [cand("a", cached=3600), cand("b", cached=3600), cand("c", cached=3600), cand("d")],
+     [0.09, 0.09, 0.09, 0.0]),
+    ({"shared_weight": 0.5}, 5000, [cand("a", cached=4000), cand("b", cached=1000), cand("c"), cand("d")],
+     [0.775, 0.1, 0.0, 0.0]),
     ({"common_share": 0.3}, 5000, [cand("a", cached=4000), cand("b", cached=1000), cand("c"), cand("d")],
-     [0.6, 0.0, 0.0, 0.0]),
+     [0.75, 0.0, 0.0, 0.0]),
     ({}, 1000, [cand("a", cached=5000)], [1.0]),                       # never above the prompt
     ({}, 2000, [cand("a", cached=100)], [0.0]),                        # below the default 256 minimum
-    # imbalance needs both thresholds: gap > 16 and max > 1.5 x min
-    ({}, 2000, [cand("a", 40, 1000), cand("b", 20)], [0.0, 0.0]),
-    ({}, 2000, [cand("a", 30, 1000), cand("b", 20)], [0.5, 0.0]),     # gap 10: balanced enough
-    ({"balance_rel_threshold": 3.0}, 2000, [cand("a", 40, 1000), cand("b", 20)], [0.5, 0.0]),
+    # imbalance needs both thresholds: gap > 32 and max > 1.5 x min
+    ({}, 2000, [cand("a", 60, 1000), cand("b", 20)], [0.0, 0.0]),
+    ({}, 2000, [cand("a", 50, 1000), cand("b", 20)], [0.5, 0.0]),     # gap 30: balanced enough
+    ({"balance_rel_threshold": 3.0}, 2000, [cand("a", 60, 1000), cand("b", 20)], [0.5, 0.0]),
     ({"balance_abs_threshold": 4}, 2000, [cand("a", 9, 1000), cand("b", 4)], [0.0, 0.0]),
     # the guard is per tier: an imbalanced tier does not silence another
-    ({}, 2000, [cand("a", 40, 1000), cand("b", 0), cand("c", 0, 1000, "long")], [0.0, 0.0, 0.5]),
+    ({}, 2000, [cand("a", 40, 1000), cand("b", 0), cand("c", 0, 1000, "long")], [0.0, 0.0, 0.5]),  # 40 vs 0
 ])
 def test_prefix_affinity_guards(params: dict[str, float], prompt: int, cands: list[Candidate],
                                 want: list[float]) -> None:
     req = rreq(prompt)
     req = RoutingRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__},
                             "prompt_tokens": {"fast": prompt, "long": prompt}})
-    assert PrefixAffinity(**params).score(req, cands)[0] == want  # type: ignore[arg-type]
+    got = PrefixAffinity(**{"shared_weight": 0.0, **params}).score(req, cands)[0]  # type: ignore[arg-type]
+    assert got == pytest.approx(want)
 
 
 @pytest.mark.parametrize(("c", "loads", "kept"), [
@@ -227,7 +236,7 @@ def test_bounded_load(c: float, loads: list[int], kept: list[str]) -> None:
 
 def test_invalid_guard_params_are_rejected() -> None:
     for bad in ({"min_match_tokens": -1}, {"min_match_ratio": 2.0}, {"balance_rel_threshold": 0.5},
-                {"common_share": 1.0}):
+                {"common_share": 1.0}, {"shared_weight": 1.5}):
         with pytest.raises(ValueError):
             PrefixAffinity(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):

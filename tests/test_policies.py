@@ -33,11 +33,11 @@ def test_demo_policy_loads() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "path", "line"),
     [
-        ("max_model_len: 32768", "max_model_len: lots", "$.tiers.balanced.max_model_len", 22),
-        ("    profile: cheapest\n  qwen3-1.7b", "    profile: nope\n  qwen3-1.7b", "$.routes.auto.profile", 55),
-        ("{type: load, weight: 1.0", "{type: lod, weight: 1.0", "$.profiles.cheapest.scorers[1].type", 75),
-        ("tiers: [fast, balanced, long]", "tiers: [fast, turbo, long]", "$.routes.auto.tiers[1]", 54),
-        ("  relaxed: {ttft_ms: 10000,", "  relaxed: {ttfb_ms: 10000,", "$.slo_classes.relaxed.ttfb_ms", 37),
+        ("max_model_len: 32768", "max_model_len: lots", "$.tiers.balanced.max_model_len", 26),
+        ("    profile: cheapest\n  qwen3-1.7b", "    profile: nope\n  qwen3-1.7b", "$.routes.auto.profile", 59),
+        ("{type: load, weight: 1.0", "{type: lod, weight: 1.0", "$.profiles.cheapest.scorers[2].type", 81),
+        ("tiers: [fast, balanced, long]", "tiers: [fast, turbo, long]", "$.routes.auto.tiers[1]", 58),
+        ("  relaxed: {ttft_ms: 10000,", "  relaxed: {ttfb_ms: 10000,", "$.slo_classes.relaxed.ttfb_ms", 41),
     ],
 )
 def test_errors_name_field_path_and_line(old: str, new: str, path: str, line: int) -> None:
@@ -58,7 +58,7 @@ def test_cli_policy_check(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "router.cli", "policy", "check", str(bad)], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode != 0
-    assert "$.tiers.fast.max_model_len" in r.stderr and f"{bad}:14" in r.stderr
+    assert "$.tiers.fast.max_model_len" in r.stderr and f"{bad}:18" in r.stderr
 
 
 def test_cli_keys_new_prints_key_and_matching_hash() -> None:

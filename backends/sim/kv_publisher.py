@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from backends.kv_events import KVEvent, KVEventBatch, encode_batch
+from backends.kv_events import BlockStored, KVEvent, KVEventBatch, encode_batch
 
 
 def parse_kv_events_config(raw: str | None) -> tuple[str, str] | None:
@@ -44,7 +44,15 @@ class KVEventPublisher:
         self._scheduled = False
 
     def add(self, event: KVEvent) -> None:
-        self._buf.append(event)
+        last = self._buf[-1] if self._buf else None
+        if (isinstance(event, BlockStored) and isinstance(last, BlockStored) and event.parent_block_hash is not None
+                and last.block_hashes and event.parent_block_hash == last.block_hashes[-1]
+                and event.block_size == last.block_size):
+            # one request's consecutive blocks in one event, as vLLM sends them
+            last.block_hashes.extend(event.block_hashes)
+            last.token_ids.extend(event.token_ids)
+        else:
+            self._buf.append(event)
         if not self._scheduled:
             self._scheduled = True
             try:

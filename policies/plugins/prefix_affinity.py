@@ -1,12 +1,16 @@
 """Scorer `prefix_affinity`.
 
-Algorithm: score = (match - common) / prompt_tokens on each candidate, where match
+Algorithm: score = (1 - shared_weight) * (match - common) / (prompt_tokens - common)
++ shared_weight * match / prompt_tokens on each candidate: mostly the share of the
+prompt's not-everywhere part that is cached there, plus a small pull towards any
+cached prefix (so a new conversation prefers an instance that holds its system
+prompt when load is equal; the load scorer outweighs it). match
 is the prefix the shared Redis index expects that instance to hold
 (Candidate.cached_tokens, filled by one batched lookup before routing) and common is
-the match that more than `common_share` of the tier's candidates reach (with 4
-instances and 0.5: the 3rd longest; with 2: the shorter). A prefix most instances already hold (a hot
-shared system prompt) is no reason to prefer any of them, so it never pins traffic;
-a conversation's history, held by one instance, is. Guards:
+the longest match held by more than `common_share` of the tier's candidates and by
+at least two (4 instances: the 2nd longest; 8: the 3rd). A prefix that several
+instances already hold (a hot shared system prompt) is no reason to prefer any of
+them, so it never pins traffic; a conversation's history, held by one, is. Guards:
   * minimum match: a distinguishing match (match - common) shorter than
     `min_match_tokens`, or covering less than `min_match_ratio` of the prompt,
     scores 0;
@@ -19,11 +23,14 @@ a conversation's history, held by one instance, is. Guards:
     least-loaded instance, ties broken by the picker's per-request hash.
 Pair it with the `bounded_load` filter so no instance exceeds c x the mean load.
 Parameters:
-  common_share (float in (0, 1), default 0.5): a prefix held by more than this share
-      of a tier's candidates is common (0.99: only what every candidate holds).
+  common_share (float in (0, 1), default 0.25): a prefix held by more than this
+      share of a tier's candidates, and by two at least, is common (0.99: only what
+      every candidate holds).
+  shared_weight (float in [0, 1], default 0.0): weight of the plain match ratio (it
+      pulls a hot shared prompt back onto the instances that hold it: keep it small).
   min_match_tokens (int, default 256): shortest distinguishing match that counts.
   min_match_ratio (float in [0, 1], default 0.0): smallest matched/prompt that counts.
-  balance_abs_threshold (int, default 16): in-flight gap that may signal imbalance.
+  balance_abs_threshold (int, default 32): in-flight gap that may signal imbalance.
   balance_rel_threshold (float >= 1, default 1.5): max/min ratio that confirms it.
 """
 
@@ -37,8 +44,11 @@ from policies.types import Candidate, RoutingRequest
 class PrefixAffinity:
     name = "prefix_affinity"
 
-    def __init__(self, min_match_tokens: int = 256, min_match_ratio: float = 0.0, balance_abs_threshold: int = 16,
-                 balance_rel_threshold: float = 1.5, common_share: float = 0.5) -> None:
+    def __init__(self, min_match_tokens: int = 256, min_match_ratio: float = 0.0, balance_abs_threshold: int = 32,
+                 balance_rel_threshold: float = 1.5, common_share: float = 0.25, shared_weight: float = 0.0) -> None:
+        if not 0.0 <= shared_weight <= 1.0:
+            raise ValueError("shared_weight must be in [0, 1]")
+        self.shared_weight = shared_weight
         if not 0.0 < common_share < 1.0:
             raise ValueError("common_share must be in (0, 1)")
         self.common_share = common_share
@@ -56,14 +66,14 @@ class PrefixAffinity:
         self.balance_rel_threshold = balance_rel_threshold
 
     def common_matches(self, req: RoutingRequest, cands: list[Candidate]) -> dict[str, int]:
-        """Per tier: the longest match held by more than `common_share` of its candidates."""
+        """Per tier: the longest match held by more than `common_share` of its candidates (2 at least)."""
         matches: dict[str, list[int]] = {}
         for c in cands:
             matches.setdefault(c.tier, []).append(min(c.cached_tokens, req.prompt_tokens.get(c.tier, 0)))
         out = {}
         for tier, ms in matches.items():
             ms.sort(reverse=True)
-            k = math.floor(self.common_share * len(ms))   # ms[k] is held by at least k + 1 candidates
+            k = max(1, math.floor(self.common_share * len(ms)))  # ms[k]: held by k + 1 candidates or more
             out[tier] = ms[k] if len(ms) > 1 and k < len(ms) else 0
         return out
 
@@ -83,13 +93,15 @@ class PrefixAffinity:
         best = 0
         for c in cands:
             prompt = req.prompt_tokens.get(c.tier, 0)
-            match = max(0, min(c.cached_tokens, prompt) - common[c.tier])
+            raw = min(c.cached_tokens, prompt)
+            match = max(0, raw - common[c.tier])
             best = max(best, match)
-            if (c.tier in imbalanced or prompt <= 0 or match < self.min_match_tokens or match == 0
-                    or match < self.min_match_ratio * prompt):
+            if c.tier in imbalanced or prompt <= 0 or raw < self.min_match_tokens:
                 scores.append(0.0)
-            else:
-                scores.append(match / prompt)
+                continue
+            dist = 0.0 if match < self.min_match_tokens or match < self.min_match_ratio * prompt \
+                else match / (prompt - common[c.tier])
+            scores.append((1.0 - self.shared_weight) * dist + self.shared_weight * raw / prompt)
         if imbalanced:
             return scores, f"imbalanced {sorted(imbalanced)}: least-loaded; best distinguishing match {best}"
         hits = sum(1 for s in scores if s > 0)
