@@ -22,6 +22,10 @@ class InstanceState:
     ejected_until: float = 0.0    # passive ejection after connect errors / 5xx
     consecutive_failures: int = 0
     served: int = 0
+    running: float = 0.0                    # scraped from /metrics (vllm:num_requests_running)
+    waiting: float = 0.0                    # vllm:num_requests_waiting
+    kv_usage: float = 0.0                   # vllm:kv_cache_usage_perc, 0..1
+    scraped_at: float | None = None
     kv_events: str | None = None            # vLLM KV-event endpoint (ZMQ), from the policy
     kv_capacity_blocks: int | None = None   # from the policy, else scraped (vllm:cache_config_info)
 
@@ -29,11 +33,29 @@ class InstanceState:
         return self.healthy and now >= self.ejected_until
 
 
+class Ewma:
+    """Exponentially weighted moving average; `value` is None until the first sample."""
+
+    def __init__(self, alpha: float = 0.2, initial: float | None = None) -> None:
+        self.alpha = alpha
+        self.value = initial
+        self.samples = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        self.samples += 1
+
+
 @dataclass
 class TierRuntime:
     name: str
     spec: TierSpec
     instances: list[InstanceState] = field(default_factory=list)
+    # learned from this tier's own responses (seeded from the policy where it says)
+    prefill_tps: Ewma = field(default_factory=Ewma)       # uncached prompt tokens per second of TTFT
+    uncached_tokens: Ewma = field(default_factory=Ewma)   # uncached prompt tokens per request
+    ttft_s: Ewma = field(default_factory=Ewma)
+    tpot_s: Ewma = field(default_factory=Ewma)
 
 
 class Registry:
@@ -47,9 +69,10 @@ class Registry:
         self.tiers: dict[str, TierRuntime] = {}
         for name, spec in policy.tiers.items():
             specs = list(spec.instances) or (urls or {}).get(name, [])
-            self.tiers[name] = TierRuntime(name, spec, [
+            self.tiers[name] = rt = TierRuntime(name, spec, [
                 InstanceState(name, i.id, i.url.rstrip("/"), kv_events=i.kv_events,
                               kv_capacity_blocks=i.kv_capacity_blocks) for i in specs])
+            rt.prefill_tps.value = spec.prefill_tokens_per_s
 
     def candidates(self, tiers: tuple[str, ...], cached: dict[str, int] | None = None) -> list[Candidate]:
         """A snapshot of every instance of `tiers`; `cached`: expected cached tokens by candidate key."""
@@ -60,12 +83,16 @@ class Registry:
             if rt is None:
                 continue
             p = rt.spec.prices
+            tps = rt.prefill_tps.value or 0.0
+            mean_uncached = rt.uncached_tokens.value if rt.uncached_tokens.value is not None else 1024.0
             for inst in rt.instances:
                 out.append(Candidate(tier=t, instance_id=inst.instance_id, max_model_len=rt.spec.max_model_len,
                                      price_input=p.input, price_cached_input=p.cached_input,
                                      price_output=p.output, healthy=inst.serving(now),
                                      in_flight=inst.in_flight,
-                                     cached_tokens=cached.get(f"{t}/{inst.instance_id}", 0) if cached else 0))
+                                     cached_tokens=cached.get(f"{t}/{inst.instance_id}", 0) if cached else 0,
+                                     running=int(inst.running), waiting=int(inst.waiting), kv_usage=inst.kv_usage,
+                                     prefill_tps=tps, mean_uncached_tokens=mean_uncached))
         return out
 
     def capacity_blocks(self, inst: InstanceState) -> int:

@@ -12,6 +12,7 @@ from policies.plugins.healthy import Healthy
 from policies.plugins.load import Load
 from policies.plugins.max_score import MaxScore
 from policies.plugins.prefix_affinity import PrefixAffinity
+from policies.plugins.slo_feasible import SloFeasible
 from policies.plugins.tier_allowed import TierAllowed
 from policies.types import Filter, Picker, Scorer
 
@@ -20,6 +21,7 @@ KNOWN_FILTERS: dict[str, Callable[..., Filter]] = {
     "context_fits": ContextFits,
     "healthy": Healthy,
     "bounded_load": BoundedLoad,
+    "slo_feasible": SloFeasible,
 }
 KNOWN_SCORERS: dict[str, Callable[..., Scorer]] = {
     "expected_cost": ExpectedCost,

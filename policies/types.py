@@ -16,6 +16,9 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: dict[str, int]         # per tier (tiers may use different tokenizers)
     max_tokens: int | None
     default_completion_tokens: int
+    slo_class: str = ""
+    ttft_target_s: float | None = None    # from the SLO class or x-slo-ttft-ms
+    tpot_target_s: float | None = None    # from the SLO class or x-slo-tpot-ms
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,6 +31,11 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     healthy: bool = True
     in_flight: int = 0
     cached_tokens: int = 0    # expected prefix-cache hit on this instance (affinity)
+    running: int = 0          # scraped: requests in the engine's batch
+    waiting: int = 0          # scraped: requests queued in the engine
+    kv_usage: float = 0.0     # scraped: KV-cache usage, 0..1
+    prefill_tps: float = 0.0  # the tier's prefill rate (uncached tokens per second); 0 = unknown
+    mean_uncached_tokens: float = 1024.0  # the tier's uncached prompt tokens per request
     key: str = ""             # "tier/instance_id", filled in on construction
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from backends.health import probe_forever, probe_once
 from backends.http_client import ClientLimits, UpstreamClient, make_client
 from backends.registry import Registry
 from backends.tokenization import TokenizerCache, tokenizer_executor
+from backends.vllm_metrics import scrape_forever
 from policies.schema import InstanceSpec, Policy, load_policy
 from router.affinity_store import AffinityStore, Breaker
 from router.errors import ApiError, error_body
@@ -91,7 +92,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 state["redis_ok"] = True
             except Exception as exc:  # fail open: v1 keeps no request state in Redis
                 log.warning("redis_unavailable", error=type(exc).__name__)
-        tasks = [asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe")]
+        tasks = [asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe"),
+                 asyncio.create_task(scrape_forever(client, registry, settings.scrape_interval_s), name="scrape")]
         if aff_store is not None:
             for sub in kv_subscribers(policy, registry, aff_store, metrics):
                 tasks.append(asyncio.create_task(sub.run(), name=f"kv-events-{sub.tier}-{sub.instance}"))
@@ -123,7 +125,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         rid = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:128]
         try:
             raw = await request.body()
-            reply = await gw.handle(kind, raw, request.headers.get("authorization"), rid)
+            reply = await gw.handle(kind, raw, request.headers.get("authorization"), rid, request.headers)
         except ApiError as exc:
             return fail(exc, rid)
         if reply.stream is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from router.metrics import RouterMetrics
 from router.prompts import PromptTokenizer
 from router.proxy import Forwarder, Outcome
 from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
+from router.slo import resolve_slo
 
 _decode_any = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
@@ -89,10 +90,11 @@ class Gateway:
         return [m for m in self.policy.routes if "*" in spec.allowed_models or m in spec.allowed_models]
 
     async def handle(self, kind: str, raw: bytes, authorization: str | None,
-                     request_id: str | None = None) -> Reply:
+                     request_id: str | None = None, headers: Mapping[str, str] | None = None) -> Reply:
         t0 = time.perf_counter()
         rid = request_id or uuid.uuid4().hex
         tenant = self.tenant(authorization)
+        slo_class, ttft_target, tpot_target = resolve_slo(self.policy, tenant, headers or {})
         try:
             body = _decode_any.decode(raw)
         except msgspec.DecodeError as exc:
@@ -143,7 +145,8 @@ class Gateway:
         cached, aff_status = await self.affinity.lookup(hashes)
         rreq = RoutingRequest(request_id=rid, tenant=tenant, virtual_model=req.model, route_tiers=tiers,
                               tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
-                              default_completion_tokens=self.policy.defaults.completion_tokens)
+                              default_completion_tokens=self.policy.defaults.completion_tokens,
+                              slo_class=slo_class, ttft_target_s=ttft_target, tpot_target_s=tpot_target)
         decision = self.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))
         if decision.chosen is None:
             raise self._no_candidate(rreq, decision)
@@ -181,8 +184,20 @@ class Gateway:
             return ApiError(400, f"{need} exceed the largest context available for model "
                                  f"'{rreq.virtual_model}' ({largest} tokens)",
                             param="messages", code="context_length_exceeded")
+        if decision.rejected and "slo_feasible" in decision.rejected.values():
+            target = f"{rreq.ttft_target_s * 1000:.0f} ms" if rreq.ttft_target_s else "its target"
+            return ApiError(503, f"no backend is predicted to meet the TTFT target ({target}) right now",
+                            code="slo_unattainable", headers={"Retry-After": "1"})
         return ApiError(503, "no backend instance is available for this model", code="no_backend",
                         headers={"Retry-After": "1"})
+
+    def _learn(self, tier: str, uncached: int, ttft_s: float, backlog: int) -> None:
+        """Teach the tier's TTFT predictor from a served request (see policies/plugins/slo_feasible.py)."""
+        rt = self.registry.tiers[tier]
+        rt.uncached_tokens.add(float(uncached))
+        rt.ttft_s.add(ttft_s)
+        if backlog == 0 and uncached >= 256 and ttft_s > 0:  # an idle instance: TTFT is prefill time
+            rt.prefill_tps.add(uncached / ttft_s)
 
     def _close_out(self, rid: str, tenant: str, route: str, counts: dict[str, int], out: Outcome, t0: float,
                    overhead: float, decision: RoutingDecision, affinity: str = "off") -> None:
@@ -198,6 +213,8 @@ class Gateway:
         if out.tier is not None:
             p = self.policy.tiers[out.tier].prices
             cost = ((prompt - cached) * p.input + cached * p.cached_input + completion * p.output) / 1e6
+        if out.tier is not None and usage is not None and out.first_byte_at is not None:
+            self._learn(out.tier, prompt - cached, out.first_byte_at - t0 - overhead, out.backlog_at_dispatch)
         self.metrics.request_done(tier if out.tier is not None else "none", tenant, route, out.status, prompt,
                                   cached, completion, cost, overhead, now - t0,
                                   None if out.first_byte_at is None else out.first_byte_at - t0)

@@ -32,6 +32,7 @@ class Outcome:
     error: str | None = None
     failed: list[str] = field(default_factory=list)
     expected_cached: int | None = None  # what the affinity index expected on the chosen instance
+    backlog_at_dispatch: int = 0        # queued requests the chosen instance had when we sent this one
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Forwarder:
             self.registry.record_success(inst)
             out.tier, out.instance, out.status = cand.tier, cand.instance_id, resp.status
             out.expected_cached = cand.cached_tokens
+            out.backlog_at_dispatch = cand.waiting + max(0, cand.in_flight - cand.running - cand.waiting)
             if stream and resp.status == 200:
                 return Upstream(resp.status, {}, None,
                                 self._relay(resp, inst, client_wants_usage, out, on_done))

@@ -25,6 +25,7 @@ class Settings(msgspec.Struct, kw_only=True):
     affinity_breaker_failures: int = 3      # consecutive failures that open the affinity breaker
     affinity_breaker_cooldown_s: float = 5.0
     probe_interval_s: float = 2.0
+    scrape_interval_s: float = 1.0          # /metrics of every instance (running, waiting, KV usage)
     max_attempts: int = 3
     log_level: str = "info"
     expose_decision_header: bool = False    # x-tiergate-decision with per-plugin scores
