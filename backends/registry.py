@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from backends.resilience import OutlierConfig
 from policies.schema import InstanceSpec, Policy, TierSpec
 from policies.types import Candidate
 
@@ -21,6 +22,12 @@ class InstanceState:
     healthy: bool = True          # last active probe
     ejected_until: float = 0.0    # passive ejection after connect errors / 5xx
     consecutive_failures: int = 0
+    times_ejected: int = 0
+    half_open: bool = False       # ejected before and not yet proven healthy again
+    ejected_at: float | None = None
+    last_failure_at: float | None = None
+    cooldowns: int = 0
+    ejections: int = 0            # total, for metrics
     served: int = 0
     running: float = 0.0                    # scraped from /metrics (vllm:num_requests_running)
     waiting: float = 0.0                    # vllm:num_requests_waiting
@@ -62,10 +69,9 @@ class Registry:
     """Tiers and instances of the active policy. Not shared across processes (v1)."""
 
     def __init__(self, policy: Policy, urls: dict[str, list[InstanceSpec]] | None = None,
-                 clock: Clock = time.monotonic, eject_base_s: float = 5.0, failures_to_eject: int = 3) -> None:
+                 clock: Clock = time.monotonic, outlier: OutlierConfig | None = None) -> None:
         self.clock = clock
-        self.eject_base_s = eject_base_s
-        self.failures_to_eject = failures_to_eject
+        self.outlier = outlier or OutlierConfig()
         self.tiers: dict[str, TierRuntime] = {}
         for name, spec in policy.tiers.items():
             specs = list(spec.instances) or (urls or {}).get(name, [])
@@ -108,12 +114,43 @@ class Registry:
         return [i for rt in self.tiers.values() for i in rt.instances]
 
     def record_success(self, inst: InstanceState) -> None:
+        """A good answer: closes a half-open instance; long healthy service forgets past ejections."""
         inst.consecutive_failures = 0
+        now = self.clock()
+        if now >= inst.ejected_until:
+            inst.half_open = False
+        if inst.times_ejected and inst.ejected_at is not None and \
+                now - max(inst.ejected_until, inst.last_failure_at or 0.0) >= self.outlier.base_ejection_s * 10:
+            inst.times_ejected -= 1
+            inst.ejected_at = now
 
-    def record_failure(self, inst: InstanceState) -> None:
+    def _may_eject(self, inst: InstanceState, now: float) -> bool:
+        peers = self.tiers[inst.tier].instances
+        out = sum(1 for i in peers if i is not inst and now < i.ejected_until)
+        return (out + 1) * 100.0 <= self.outlier.max_ejection_percent * len(peers) or len(peers) == 1
+
+    def record_failure(self, inst: InstanceState) -> bool:
+        """A 5xx or connect error; returns True when it ejected the instance."""
+        now = self.clock()
         inst.consecutive_failures += 1
-        if inst.consecutive_failures >= self.failures_to_eject:
-            inst.ejected_until = self.clock() + self.eject_base_s
+        inst.last_failure_at = now
+        half_open = inst.half_open and now >= inst.ejected_until
+        if (inst.consecutive_failures >= self.outlier.consecutive_failures or half_open) and \
+                now >= inst.ejected_until and self._may_eject(inst, now):
+            inst.times_ejected += 1
+            inst.half_open = True
+            inst.ejections += 1
+            inst.ejected_at = now
+            inst.ejected_until = now + min(self.outlier.base_ejection_s * inst.times_ejected,
+                                           self.outlier.max_ejection_s)
+            inst.consecutive_failures = 0
+            return True
+        return False
+
+    def cool_down(self, inst: InstanceState, seconds: float) -> None:
+        """Retry-After from a 429/503: keep the instance out for that long (capped)."""
+        inst.cooldowns += 1
+        inst.ejected_until = max(inst.ejected_until, self.clock() + min(seconds, self.outlier.max_cooldown_s))
 
     def any_reachable(self) -> bool:
         now = self.clock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import msgspec
 
 from backends.http_client import UpstreamClient, UpstreamConnectError, UpstreamResponse
 from backends.registry import InstanceState, Registry
+from backends.resilience import RetryBudget, parse_retry_after
 from policies.types import Candidate
 from router.errors import ApiError, error_body
 from router.schemas import Usage, UsageEnvelope
@@ -50,7 +52,8 @@ def _logged(exc: ApiError) -> ApiError:
 
 class Forwarder:
     def __init__(self, client: UpstreamClient, registry: Registry, max_attempts: int,
-                 on_retry: Callable[[str, str], None]) -> None:
+                 on_retry: Callable[[str, str], None], budget: RetryBudget | None = None) -> None:
+        self.budget = budget or RetryBudget(lambda: sum(i.in_flight for i in registry.all_instances()))
         self.client = client
         self.registry = registry
         self.max_attempts = max_attempts
@@ -58,10 +61,19 @@ class Forwarder:
 
     async def send(self, ranked: list[Candidate], path: str, body_for: Callable[[str], bytes], stream: bool,
                    client_wants_usage: bool, out: Outcome, on_done: Callable[[], None]) -> Upstream:
-        """Try candidates in rank order until one answers with a non-retryable status."""
+        """Try candidates in rank order (each at most once) until one answers with a non-retryable status.
+
+        Retries happen only here, before any byte reaches the client, and only while the
+        retry budget allows. A 429/503 with Retry-After cools that instance down."""
         last: tuple[int, bytes] | None = None
+        retry_after = 1.0
         for cand in ranked[: self.max_attempts]:
             inst = self.registry.instance(cand.tier, cand.instance_id)
+            retrying = out.attempts > 0
+            if retrying and not self.budget.try_acquire():
+                out.failed.append("retry budget exhausted")
+                self.on_retry(cand.tier, "budget_exhausted")
+                break
             out.attempts += 1
             inst.in_flight += 1
             try:
@@ -73,11 +85,18 @@ class Forwarder:
                 out.failed.append(f"{cand.key}:{exc}")
                 self.on_retry(cand.tier, "connect")
                 continue
+            finally:
+                if retrying:
+                    self.budget.release()
             if resp.status in RETRYABLE:
                 raw = await resp.read()
                 inst.in_flight -= 1
                 if resp.status >= 500:
                     self.registry.record_failure(inst)
+                ra = parse_retry_after(resp.headers.get("retry-after")) if resp.status in (429, 503) else None
+                if ra is not None:
+                    self.registry.cool_down(inst, ra)
+                    retry_after = max(retry_after, ra)
                 out.failed.append(f"{cand.key}:{resp.status}")
                 self.on_retry(cand.tier, str(resp.status))
                 last = (resp.status, raw)
@@ -113,7 +132,8 @@ class Forwarder:
             on_done()
             raise _logged(ApiError(503 if status != 429 else 429,
                                    f"every candidate backend failed ({', '.join(out.failed)})",
-                                   code="upstream_unavailable", headers={"Retry-After": "1"}))
+                                   code="upstream_unavailable",
+                                   headers={"Retry-After": str(max(1, math.ceil(min(retry_after, 60.0))))}))
         out.status = 503
         on_done()
         raise _logged(ApiError(503, "no backend could be reached" + (f" ({', '.join(out.failed)})"
