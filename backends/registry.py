@@ -73,6 +73,7 @@ class Registry:
         self.clock = clock
         self.outlier = outlier or OutlierConfig()
         self.tiers: dict[str, TierRuntime] = {}
+        self.route_output_tokens: dict[str, Ewma] = {}   # per virtual model: real completion lengths
         for name, spec in policy.tiers.items():
             specs = list(spec.instances) or (urls or {}).get(name, [])
             self.tiers[name] = rt = TierRuntime(name, spec, [
@@ -98,7 +99,9 @@ class Registry:
                                      in_flight=inst.in_flight,
                                      cached_tokens=cached.get(f"{t}/{inst.instance_id}", 0) if cached else 0,
                                      running=int(inst.running), waiting=int(inst.waiting), kv_usage=inst.kv_usage,
-                                     prefill_tps=tps, mean_uncached_tokens=mean_uncached))
+                                     prefill_tps=tps, mean_uncached_tokens=mean_uncached,
+                                     gpu_cost_per_hour=rt.spec.gpu_cost_per_hour or 0.0,
+                                     tpot_s=rt.tpot_s.value or 0.0))
         return out
 
     def capacity_blocks(self, inst: InstanceState) -> int:

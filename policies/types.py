@@ -19,6 +19,7 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     slo_class: str = ""
     ttft_target_s: float | None = None    # from the SLO class or x-slo-ttft-ms
     tpot_target_s: float | None = None    # from the SLO class or x-slo-tpot-ms
+    expected_output_tokens: float | None = None  # the route's running mean of real completion lengths
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +37,8 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     kv_usage: float = 0.0     # scraped: KV-cache usage, 0..1
     prefill_tps: float = 0.0  # the tier's prefill rate (uncached tokens per second); 0 = unknown
     mean_uncached_tokens: float = 1024.0  # the tier's uncached prompt tokens per request
+    gpu_cost_per_hour: float = 0.0  # the tier's GPU price (USD/hour); 0 = priced per token only
+    tpot_s: float = 0.0       # the tier's observed time per output token; 0 = unknown
     key: str = ""             # "tier/instance_id", filled in on construction
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from backends.http_client import UpstreamClient
-from backends.registry import Registry
+from backends.registry import Ewma, Registry
 from backends.tokenization import TokenizerCache
 from policies.engine import build_profiles
 from policies.schema import Policy
@@ -146,7 +146,8 @@ class Gateway:
         rreq = RoutingRequest(request_id=rid, tenant=tenant, virtual_model=req.model, route_tiers=tiers,
                               tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
                               default_completion_tokens=self.policy.defaults.completion_tokens,
-                              slo_class=slo_class, ttft_target_s=ttft_target, tpot_target_s=tpot_target)
+                              slo_class=slo_class, ttft_target_s=ttft_target, tpot_target_s=tpot_target,
+                              expected_output_tokens=self._expected_output(req.model))
         decision = self.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))
         if decision.chosen is None:
             raise self._no_candidate(rreq, decision)
@@ -191,6 +192,10 @@ class Gateway:
         return ApiError(503, "no backend instance is available for this model", code="no_backend",
                         headers={"Retry-After": "1"})
 
+    def _expected_output(self, route: str) -> float | None:
+        e = self.registry.route_output_tokens.get(route)
+        return e.value if e is not None and e.samples >= 5 else None
+
     def _learn(self, tier: str, uncached: int, ttft_s: float, backlog: int) -> None:
         """Teach the tier's TTFT predictor from a served request (see policies/plugins/slo_feasible.py)."""
         rt = self.registry.tiers[tier]
@@ -215,6 +220,10 @@ class Gateway:
             cost = ((prompt - cached) * p.input + cached * p.cached_input + completion * p.output) / 1e6
         if out.tier is not None and usage is not None and out.first_byte_at is not None:
             self._learn(out.tier, prompt - cached, out.first_byte_at - t0 - overhead, out.backlog_at_dispatch)
+            if out.status == 200:
+                self.registry.route_output_tokens.setdefault(route, Ewma()).add(float(completion))
+                if completion > 1 and out.streamed_chunks > 1:  # streamed: first byte = first token
+                    self.registry.tiers[out.tier].tpot_s.add((now - out.first_byte_at) / (completion - 1))
         self.metrics.request_done(tier if out.tier is not None else "none", tenant, route, out.status, prompt,
                                   cached, completion, cost, overhead, now - t0,
                                   None if out.first_byte_at is None else out.first_byte_at - t0)

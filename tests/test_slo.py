@@ -124,3 +124,24 @@ def test_ewma_starts_at_the_first_sample_then_moves_by_alpha() -> None:
     e.add(10.0)
     e.add(20.0)
     assert e.value == 15.0 and e.samples == 2
+
+
+def test_expected_cost_prices_cache_route_mean_output_and_gpu_seconds() -> None:
+    from policies.plugins.expected_cost import ExpectedCost, expected_cost_usd
+
+    base = dict(tier="fast", instance_id="a", max_model_len=40960, price_input=1.0, price_cached_input=0.1,
+                price_output=2.0)
+    req = RoutingRequest(request_id="r", tenant="t", virtual_model="m", route_tiers=("fast",), tenant_tiers=None,
+                         prompt_tokens={"fast": 1_000_000}, max_tokens=1_000_000, default_completion_tokens=256)
+    assert expected_cost_usd(req, Candidate(**base)) == pytest.approx(1.0 + 2.0)  # type: ignore[arg-type]
+    warm = Candidate(**base, cached_tokens=600_000)  # type: ignore[arg-type]
+    assert expected_cost_usd(req, warm) == pytest.approx(0.4 + 0.06 + 2.0)
+    capped = RoutingRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__},
+                               "expected_output_tokens": 250_000.0})
+    assert expected_cost_usd(capped, Candidate(**base)) == pytest.approx(1.0 + 0.5)  # type: ignore[arg-type]
+    # $36/hour = $0.01/s; 1M uncached tokens at 100K tok/s = 10 s; 1M output x 1 ms shared by a batch of 4
+    gpu = Candidate(**base, gpu_cost_per_hour=36.0, prefill_tps=100_000, tpot_s=0.001,  # type: ignore[arg-type]
+                    running=3)
+    assert expected_cost_usd(req, gpu) == pytest.approx(3.0 + 0.01 * (10.0 + 1000.0 / 4))
+    scores, _ = ExpectedCost().score(req, [Candidate(**base), warm])  # type: ignore[arg-type]
+    assert scores[1] == 1.0 and scores[0] == pytest.approx(2.46 / 3.0)
