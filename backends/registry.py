@@ -29,6 +29,8 @@ class InstanceState:
     cooldowns: int = 0
     ejections: int = 0            # total, for metrics
     served: int = 0
+    pending_requests: int = 0               # dispatched by this router, first token not back yet
+    pending_tokens: int = 0                 # their uncached prompt tokens: prefill work queued there
     running: float = 0.0                    # scraped from /metrics (vllm:num_requests_running)
     waiting: float = 0.0                    # vllm:num_requests_waiting
     kv_usage: float = 0.0                   # vllm:kv_cache_usage_perc, 0..1
@@ -99,6 +101,7 @@ class Registry:
                                      in_flight=inst.in_flight,
                                      cached_tokens=cached.get(f"{t}/{inst.instance_id}", 0) if cached else 0,
                                      running=int(inst.running), waiting=int(inst.waiting), kv_usage=inst.kv_usage,
+                                     pending_requests=inst.pending_requests, pending_tokens=inst.pending_tokens,
                                      prefill_tps=tps, mean_uncached_tokens=mean_uncached,
                                      gpu_cost_per_hour=rt.spec.gpu_cost_per_hour or 0.0,
                                      tpot_s=rt.tpot_s.value or 0.0))

@@ -34,6 +34,8 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     cached_tokens: int = 0    # expected prefix-cache hit on this instance (affinity)
     running: int = 0          # scraped: requests in the engine's batch
     waiting: int = 0          # scraped: requests queued in the engine
+    pending_requests: int = 0  # this router's requests there still waiting for their first token
+    pending_tokens: int = 0   # their uncached prompt tokens (prefill work ahead of a new request)
     kv_usage: float = 0.0     # scraped: KV-cache usage, 0..1
     prefill_tps: float = 0.0  # the tier's prefill rate (uncached tokens per second); 0 = unknown
     mean_uncached_tokens: float = 1024.0  # the tier's uncached prompt tokens per request

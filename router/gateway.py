@@ -167,7 +167,8 @@ class Gateway:
         def done() -> None:
             self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status)
 
-        up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out, done)
+        up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out, done,
+                                       counts)
         if out.tier is not None and out.instance is not None and up.status == 200:
             self.affinity.record(out.tier, out.instance, hashes)
         headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "", "x-tiergate-instance": out.instance or "",

@@ -45,6 +45,11 @@ class Upstream:
     stream: AsyncIterator[bytes] | None      # streaming body
 
 
+def _prefilled(inst: InstanceState, tokens: int) -> None:
+    inst.pending_requests -= 1
+    inst.pending_tokens -= tokens
+
+
 def _logged(exc: ApiError) -> ApiError:
     exc.logged = True  # the close-out already wrote this request's canonical line
     return exc
@@ -60,7 +65,8 @@ class Forwarder:
         self.on_retry = on_retry
 
     async def send(self, ranked: list[Candidate], path: str, body_for: Callable[[str], bytes], stream: bool,
-                   client_wants_usage: bool, out: Outcome, on_done: Callable[[], None]) -> Upstream:
+                   client_wants_usage: bool, out: Outcome, on_done: Callable[[], None],
+                   prompt_tokens: dict[str, int] | None = None) -> Upstream:
         """Try candidates in rank order (each at most once) until one answers with a non-retryable status.
 
         Retries happen only here, before any byte reaches the client, and only while the
@@ -76,11 +82,15 @@ class Forwarder:
                 break
             out.attempts += 1
             inst.in_flight += 1
+            prefill = max(0, (prompt_tokens or {}).get(cand.tier, 0) - cand.cached_tokens)
+            inst.pending_requests += 1
+            inst.pending_tokens += prefill
             try:
                 resp = await self.client.post(inst.url + path, body_for(cand.tier),
                                               {"content-type": "application/json"})
             except UpstreamConnectError as exc:
                 inst.in_flight -= 1
+                _prefilled(inst, prefill)
                 self.registry.record_failure(inst)
                 out.failed.append(f"{cand.key}:{exc}")
                 self.on_retry(cand.tier, "connect")
@@ -88,6 +98,8 @@ class Forwarder:
             finally:
                 if retrying:
                     self.budget.release()
+            if not (stream and resp.status == 200):  # streams: prefill ends at the first chunk
+                _prefilled(inst, prefill)
             if resp.status in RETRYABLE:
                 raw = await resp.read()
                 inst.in_flight -= 1
@@ -104,10 +116,10 @@ class Forwarder:
             self.registry.record_success(inst)
             out.tier, out.instance, out.status = cand.tier, cand.instance_id, resp.status
             out.expected_cached = cand.cached_tokens
-            out.backlog_at_dispatch = cand.waiting + max(0, cand.in_flight - cand.running - cand.waiting)
+            out.backlog_at_dispatch = cand.pending_requests + max(0, cand.waiting - cand.pending_requests)
             if stream and resp.status == 200:
                 return Upstream(resp.status, {}, None,
-                                self._relay(resp, inst, client_wants_usage, out, on_done))
+                                self._relay(resp, inst, client_wants_usage, out, on_done, prefill))
             try:
                 raw = await resp.read()
             except Exception:
@@ -141,12 +153,16 @@ class Forwarder:
                                code="upstream_unavailable", headers={"Retry-After": "1"}))
 
     async def _relay(self, resp: UpstreamResponse, inst: InstanceState, client_wants_usage: bool, out: Outcome,
-                     on_done: Callable[[], None]) -> AsyncIterator[bytes]:
+                     on_done: Callable[[], None], prefill: int = 0) -> AsyncIterator[bytes]:
         buf = b""
+        pending = True
         try:
             async for chunk in resp.iter_chunks():
                 if out.first_byte_at is None:
                     out.first_byte_at = time.perf_counter()
+                if pending and b'"content":' in chunk:  # the first token: this request's prefill is done
+                    pending = False
+                    _prefilled(inst, prefill)
                 buf += chunk
                 pieces: list[bytes] = []
                 while True:
@@ -166,6 +182,8 @@ class Forwarder:
             yield b"data: " + error_body(502, "the backend stream ended unexpectedly", code="upstream_stream_error") \
                 + b"\n\n"
         finally:
+            if pending:
+                _prefilled(inst, prefill)
             inst.in_flight -= 1
             await resp.close()
             on_done()

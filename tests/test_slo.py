@@ -55,10 +55,12 @@ async def test_parser_reads_the_simulators_real_metrics_page() -> None:
 
 
 def cand(iid: str = "a", *, tps: float = 10_000, waiting: int = 0, running: int = 0, in_flight: int = 0,
-         cached: int = 0, mean: float = 1000, tier: str = "fast") -> Candidate:
+         cached: int = 0, mean: float = 1000, tier: str = "fast", pending: int = 0,
+         pending_tokens: int = 0) -> Candidate:
     return Candidate(tier=tier, instance_id=iid, max_model_len=40960, price_input=0.05, price_cached_input=0.01,
                      price_output=0.2, waiting=waiting, running=running, in_flight=in_flight, cached_tokens=cached,
-                     prefill_tps=tps, mean_uncached_tokens=mean)
+                     prefill_tps=tps, mean_uncached_tokens=mean, pending_requests=pending,
+                     pending_tokens=pending_tokens)
 
 
 def rreq(prompt: int, ttft_s: float | None = 1.0) -> RoutingRequest:
@@ -70,9 +72,10 @@ def rreq(prompt: int, ttft_s: float | None = 1.0) -> RoutingRequest:
 @pytest.mark.parametrize(("c", "prompt", "want"), [
     (cand(), 5000, 0.5),                                   # 5000 uncached tokens at 10K tok/s
     (cand(cached=4000), 5000, 0.1),                        # only the uncached part is prefilled
-    (cand(waiting=3), 5000, 0.8),                          # 3 queued x 1000 mean uncached tokens first
-    (cand(running=2, in_flight=6), 5000, 0.9),             # 4 dispatched that the scrape does not show yet
-    (cand(running=8, in_flight=6), 5000, 0.5),             # more running than we sent: no extra backlog
+    (cand(waiting=3), 5000, 0.8),                          # 3 queued (other replicas') x 1000 mean tokens
+    (cand(pending=2, pending_tokens=4000), 5000, 0.9),     # our own 2 requests still prefilling: exact tokens
+    (cand(waiting=3, pending=2, pending_tokens=4000), 5000, 1.0),  # 1 queued beyond ours, at the mean
+    (cand(running=8, in_flight=6), 5000, 0.5),             # running (decoding) requests are not prefill work
     (cand(tps=0), 5000, None),                             # unknown rate: no prediction
 ])
 def test_ttft_predictor(c: Candidate, prompt: int, want: float | None) -> None:

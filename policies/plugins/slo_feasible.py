@@ -1,12 +1,13 @@
 """Filter `slo_feasible`, and the TTFT predictor it uses.
 
 Predictor (pure): predicted TTFT on a candidate =
-    (backlog * mean_uncached_tokens + uncached) / prefill_tps
+    (pending_tokens + others * mean_uncached_tokens + uncached) / prefill_tps
 where uncached = prompt_tokens - cached_tokens (the affinity index's expectation),
-backlog = waiting (scraped from the engine) + requests this router dispatched there
-that the last scrape does not show yet (in_flight - running - waiting, when > 0),
-mean_uncached_tokens is the tier's running mean of uncached prompt tokens per
-request, and prefill_tps the tier's prefill rate: seeded by the policy's
+pending_tokens = the uncached prompt tokens of the requests this router sent there
+that have not had their first token yet (exact, counted at dispatch), others = the
+engine's scraped waiting requests beyond those (other replicas' traffic) times the
+tier's running mean of uncached prompt tokens per request, and prefill_tps the
+tier's prefill rate: seeded by the policy's
 `prefill_tokens_per_s`, then learned from the tier's own responses (TTFT of requests
 sent to an idle instance). Decode work sharing the batch is not modelled. A
 candidate whose tier has no known rate is not predicted (it passes).
@@ -31,8 +32,8 @@ def predicted_ttft_s(req: RoutingRequest, c: Candidate) -> float | None:
         return None
     prompt = req.prompt_tokens.get(c.tier, 0)
     uncached = max(prompt - min(c.cached_tokens, prompt), 1)
-    backlog = c.waiting + max(0, c.in_flight - c.running - c.waiting)
-    return (backlog * c.mean_uncached_tokens + uncached) / c.prefill_tps
+    others = max(0, c.waiting - c.pending_requests)
+    return (c.pending_tokens + others * c.mean_uncached_tokens + uncached) / c.prefill_tps
 
 
 class SloFeasible:
