@@ -68,7 +68,7 @@ class Req:
     est_tokens: int = 0
 
 
-def trace(seconds: float, seed: int) -> list[Req]:
+def trace(seconds: float, seed: int, burst: int = 120) -> list[Req]:
     rng = random.Random(seed)
     out: list[Req] = []
     t = 0.0
@@ -82,7 +82,7 @@ def trace(seconds: float, seed: int) -> list[Req]:
         else:
             out.append(Req(t, rng.randint(20_000, 200_000), "relaxed", 32))
     for b in range(1, int(seconds // 20) + 1):  # bursts of interactive chats, 120 at once
-        out.extend(Req(b * 20.0 - 10.0 + i * 0.002, rng.randint(1000, 4000), "interactive", 64) for i in range(120))
+        out.extend(Req(b * 20.0 - 10.0 + i * 0.002, rng.randint(1000, 4000), "interactive", 64) for i in range(burst))
     out.sort(key=lambda q: q.at)
     from backends.tokenization import TierTokenizer
 
@@ -219,6 +219,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--time-scale", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--burst", type=int, default=120, help="interactive chats per burst (every 20 s)")
     ap.add_argument("--policies", default="tiergate,always-balanced,cheapest-fits,round-robin,litellm-lowest-cost")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/11")
     args = ap.parse_args()
@@ -247,7 +248,7 @@ def main() -> None:
         router = f"http://127.0.0.1:{port}"
         if not wait_http_ok(router + "/ready", 90):
             raise RuntimeError(f"router did not start (see {tmp})")
-        reqs = trace(args.seconds, args.seed)
+        reqs = trace(args.seconds, args.seed, args.burst)
         for policy in args.policies.split(","):
             import urllib.request
 

@@ -220,11 +220,12 @@ class Gateway:
             p = self.policy.tiers[out.tier].prices
             cost = ((prompt - cached) * p.input + cached * p.cached_input + completion * p.output) / 1e6
         if out.tier is not None and usage is not None and out.first_byte_at is not None:
-            self._learn(out.tier, prompt - cached, out.first_byte_at - t0 - overhead, out.backlog_at_dispatch)
+            first_token = out.first_token_at if out.first_token_at is not None else out.first_byte_at
+            self._learn(out.tier, prompt - cached, first_token - t0 - overhead, out.backlog_at_dispatch)
             if out.status == 200:
                 self.registry.route_output_tokens.setdefault(route, Ewma()).add(float(completion))
-                if completion > 1 and out.streamed_chunks > 1:  # streamed: first byte = first token
-                    self.registry.tiers[out.tier].tpot_s.add((now - out.first_byte_at) / (completion - 1))
+                if completion > 1 and out.first_token_at is not None:  # streamed: time per output token
+                    self.registry.tiers[out.tier].tpot_s.add((now - out.first_token_at) / (completion - 1))
         self.metrics.request_done(tier if out.tier is not None else "none", tenant, route, out.status, prompt,
                                   cached, completion, cost, overhead, now - t0,
                                   None if out.first_byte_at is None else out.first_byte_at - t0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from router.schemas import Usage, UsageEnvelope
 
 _usage_dec = msgspec.json.Decoder(UsageEnvelope)
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
+_FIRST_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')  # non-empty text: not the role-only first chunk
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Outcome:
     failed: list[str] = field(default_factory=list)
     expected_cached: int | None = None  # what the affinity index expected on the chosen instance
     backlog_at_dispatch: int = 0        # queued requests the chosen instance had when we sent this one
+    first_token_at: float | None = None  # first non-empty token (a stream's first chunk may carry only the role)
 
 
 @dataclass
@@ -160,8 +163,9 @@ class Forwarder:
             async for chunk in resp.iter_chunks():
                 if out.first_byte_at is None:
                     out.first_byte_at = time.perf_counter()
-                if pending and b'"content":' in chunk:  # the first token: this request's prefill is done
+                if pending and _FIRST_TOKEN.search(chunk):  # the first token: this request's prefill is done
                     pending = False
+                    out.first_token_at = time.perf_counter()
                     _prefilled(inst, prefill)
                 buf += chunk
                 pieces: list[bytes] = []
