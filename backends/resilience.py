@@ -14,6 +14,8 @@ Cool-down: a 429 or 503 carrying Retry-After takes the instance out for that lon
 (capped at `max_cooldown_s`), without counting as an outlier failure for 429.
 Retry budget: a retry is allowed while retries in progress < max(`min_retries`,
 `budget_percent` x requests in progress), so a failing backend cannot multiply load.
+Retries after a connect error (the request never reached a backend, or the backend
+vanished) are outside the budget: they add no load to anything that is still up.
 """
 
 from __future__ import annotations

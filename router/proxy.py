@@ -76,9 +76,12 @@ class Forwarder:
         retry budget allows. A 429/503 with Retry-After cools that instance down."""
         last: tuple[int, bytes] | None = None
         retry_after = 1.0
+        prev_connect_error = False
         for cand in ranked[: self.max_attempts]:
             inst = self.registry.instance(cand.tier, cand.instance_id)
-            retrying = out.attempts > 0
+            # a connect error cost the failed backend nothing, so its retry is outside the budget
+            retrying = out.attempts > 0 and not prev_connect_error
+            prev_connect_error = False
             if retrying and not self.budget.try_acquire():
                 out.failed.append("retry budget exhausted")
                 self.on_retry(cand.tier, "budget_exhausted")
@@ -94,6 +97,7 @@ class Forwarder:
             except UpstreamConnectError as exc:
                 inst.in_flight -= 1
                 _prefilled(inst, prefill)
+                prev_connect_error = True
                 self.registry.record_failure(inst)
                 out.failed.append(f"{cand.key}:{exc}")
                 self.on_retry(cand.tier, "connect")
@@ -125,9 +129,13 @@ class Forwarder:
                                 self._relay(resp, inst, client_wants_usage, out, on_done, prefill))
             try:
                 raw = await resp.read()
-            except Exception:
+            except Exception as exc:  # the body broke before any byte reached the client: try the next one
                 inst.in_flight -= 1
-                raise
+                self.registry.record_failure(inst)
+                out.failed.append(f"{cand.key}:body {type(exc).__name__}")
+                out.tier = out.instance = None
+                self.on_retry(cand.tier, "body")
+                continue
             inst.in_flight -= 1
             out.first_byte_at = time.perf_counter()
             if resp.status == 200:
