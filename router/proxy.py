@@ -19,6 +19,7 @@ from router.schemas import Usage, UsageEnvelope
 
 _usage_dec = msgspec.json.Decoder(UsageEnvelope)
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
+_TOO_LONG = re.compile(rb"maximum context length|context_length_exceeded|too long", re.I)
 _FIRST_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')  # non-empty text: not the role-only first chunk
 
 
@@ -77,7 +78,10 @@ class Forwarder:
         last: tuple[int, bytes] | None = None
         retry_after = 1.0
         prev_connect_error = False
+        too_long = 0  # the largest context a backend has refused this prompt at
         for cand in ranked[: self.max_attempts]:
+            if cand.max_model_len <= too_long:
+                continue
             inst = self.registry.instance(cand.tier, cand.instance_id)
             # a connect error cost the failed backend nothing, so its retry is outside the budget
             retrying = out.attempts > 0 and not prev_connect_error
@@ -107,6 +111,21 @@ class Forwarder:
                     self.budget.release()
             if not (stream and resp.status == 200):  # streams: prefill ends at the first chunk
                 _prefilled(inst, prefill)
+            if resp.status == 400 and self._next_tier_may_fit(ranked, cand):
+                raw = await resp.read()
+                if _TOO_LONG.search(raw):  # context-window fallback: the next tier whose context fits
+                    too_long = max(too_long, cand.max_model_len)
+                    inst.in_flight -= 1
+                    out.failed.append(f"{cand.key}:context_length")
+                    self.on_retry(cand.tier, "context_length")
+                    last = (400, raw)
+                    continue
+                inst.in_flight -= 1
+                self.registry.record_success(inst)
+                out.tier, out.instance, out.status = cand.tier, cand.instance_id, resp.status
+                out.first_byte_at = time.perf_counter()
+                on_done()
+                return Upstream(resp.status, {}, raw, None)
             if resp.status in RETRYABLE:
                 raw = await resp.read()
                 inst.in_flight -= 1
@@ -149,6 +168,12 @@ class Forwarder:
                                            code="bad_upstream")) from None
             on_done()
             return Upstream(resp.status, {}, raw, None)
+        if last is not None and last[0] == 400:  # every larger tier refused the prompt as too long too
+            out.status = 400
+            on_done()
+            raise _logged(ApiError(400, "the prompt exceeds the context of every candidate tier "
+                                        f"({', '.join(out.failed)})", param="messages",
+                                   code="context_length_exceeded"))
         if last is not None:
             status, raw = last
             out.status = 503 if status != 429 else 429
@@ -199,6 +224,11 @@ class Forwarder:
             inst.in_flight -= 1
             await resp.close()
             on_done()
+
+    def _next_tier_may_fit(self, ranked: list[Candidate], cand: Candidate) -> bool:
+        i = ranked.index(cand)
+        return any(c.tier != cand.tier and c.max_model_len > cand.max_model_len
+                   for c in ranked[i + 1: self.max_attempts])
 
     @staticmethod
     def _keep_event(event: bytes, client_wants_usage: bool, out: Outcome) -> bool:

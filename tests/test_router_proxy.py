@@ -135,3 +135,26 @@ async def test_router_with_external_redis_records_policy_version(redis_url: str)
     finally:
         await client.aclose()
         await sim.close()
+
+
+async def test_backend_context_rejection_falls_back_to_the_next_tier_whose_context_fits() -> None:
+    from policies.schema import parse_policy
+
+    text = DEMO.read_text().replace("max_model_len: 40960", "max_model_len: 100000")  # the policy overstates fast
+    policy = parse_policy(text, "demo-overstated.yaml")
+    fast = await start_sim("qwen3-1.7b-fp8", time_scale=0.05)          # really 40,960 tokens
+    long = await start_sim("qwen3-4b-256k", time_scale=0.05, served_model_name="Qwen/Qwen3-4B-Instruct-2507")
+    urls = {"fast": [("fast-0", fast.url)], "long": [("long-0", long.url)], "balanced": [("bal-0", long.url)]}
+    prompt = "hello " * 45_000
+    try:
+        async with serve_router(policy, urls) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as c:
+            r = await c.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 2,
+                                                           "messages": [{"role": "user", "content": prompt}]})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-tiergate-tier"] == "long"  # fast refused it as too long; balanced (32K) is skipped
+            r = await c.post("/v1/chat/completions", json={"model": "qwen3-1.7b", "max_tokens": 2,
+                                                           "messages": [{"role": "user", "content": prompt}]})
+            assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    finally:
+        await fast.close()
+        await long.close()
