@@ -165,7 +165,7 @@ class Gateway:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
 
         def done() -> None:
-            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status)
+            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status, rreq)
 
         up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out, done,
                                        counts)
@@ -206,7 +206,8 @@ class Gateway:
             rt.prefill_tps.add(uncached / ttft_s)
 
     def _close_out(self, rid: str, tenant: str, route: str, counts: dict[str, int], out: Outcome, t0: float,
-                   overhead: float, decision: RoutingDecision, affinity: str = "off") -> None:
+                   overhead: float, decision: RoutingDecision, affinity: str = "off",
+                   rreq: RoutingRequest | None = None) -> None:
         now = time.perf_counter()
         tier = out.tier or "none"
         usage = out.usage
@@ -226,6 +227,13 @@ class Gateway:
                 self.registry.route_output_tokens.setdefault(route, Ewma()).add(float(completion))
                 if completion > 1 and out.first_token_at is not None:  # streamed: time per output token
                     self.registry.tiers[out.tier].tpot_s.add((now - out.first_token_at) / (completion - 1))
+        slo, slo_met = rreq, None
+        first = out.first_token_at if out.first_token_at is not None else out.first_byte_at
+        if slo is not None and slo.ttft_target_s is not None and out.tier is not None and out.status == 200 \
+                and first is not None:
+            slo_met = first - t0 <= slo.ttft_target_s
+            self.metrics.child(self.metrics.slo, out.tier, tenant, slo.slo_class or "none",
+                               "met" if slo_met else "missed").inc()
         self.metrics.request_done(tier if out.tier is not None else "none", tenant, route, out.status, prompt,
                                   cached, completion, cost, overhead, now - t0,
                                   None if out.first_byte_at is None else out.first_byte_at - t0)
@@ -236,4 +244,5 @@ class Gateway:
                       latency_ms=round((now - t0) * 1000, 2), overhead_ms=round(overhead * 1000, 3),
                       attempts=out.attempts, failed=out.failed or None, error=out.error, affinity=affinity,
                       expected_cached_tokens=out.expected_cached,
-                      decision=decision.summary())
+                      decision=decision.summary(), slo_class=slo.slo_class if slo else None,
+                      slo_met=slo_met)

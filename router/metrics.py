@@ -30,6 +30,8 @@ class RouterMetrics:
                                ["tier", "reason"], registry=r)
         self.in_flight = Gauge("tiergate_instance_in_flight", "Requests in flight per instance.",
                                ["tier", "instance"], registry=r)
+        self.slo = Counter("tiergate_slo_requests", "Served requests by whether their TTFT met the SLO class target.",
+                           ["tier", "tenant", "slo_class", "result"], registry=r)
         self.affinity = Counter("tiergate_affinity_ops", "Affinity index operations by result "
                                 "(ok, error, skipped while the breaker is open, dropped).", ["op", "result"],
                                 registry=r)

@@ -148,3 +148,24 @@ def test_expected_cost_prices_cache_route_mean_output_and_gpu_seconds() -> None:
     assert expected_cost_usd(req, gpu) == pytest.approx(3.0 + 0.01 * (10.0 + 1000.0 / 4))
     scores, _ = ExpectedCost().score(req, [Candidate(**base), warm])  # type: ignore[arg-type]
     assert scores[1] == 1.0 and scores[0] == pytest.approx(2.46 / 3.0)
+
+
+async def test_slo_attainment_is_counted_per_class_and_logged() -> None:
+    from backends.sim.run import start_sim
+    from tests.conftest import serve_router
+
+    sim = await start_sim("qwen3-1.7b-fp8", time_scale=0.05)
+    try:
+        async with serve_router(load_policy(DEMO), {"fast": [("f", sim.url)]}) as url, \
+                httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {DEMO_KEY}"}) as c:
+            body = {"model": "qwen3-1.7b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            assert (await c.post("/v1/chat/completions", json=body, headers={"x-slo-ttft-ms": "60000"})).status_code \
+                == 200
+            assert (await c.post("/v1/chat/completions", json=body, headers={"x-slo-ttft-ms": "0.001"})).status_code \
+                == 200
+            text = (await c.get("/metrics")).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("tiergate_slo_requests_total{")]
+        assert any('result="met"' in ln and ln.endswith(" 1.0") for ln in lines), lines
+        assert any('result="missed"' in ln and ln.endswith(" 1.0") for ln in lines), lines
+    finally:
+        await sim.close()
