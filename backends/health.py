@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.request
 from collections.abc import Callable
 
 from backends.http_client import UpstreamClient, UpstreamConnectError
 from backends.registry import InstanceState, Registry
-
-_GPU_BLOCKS = re.compile(rb'^vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', re.M)
-
-
-def parse_num_gpu_blocks(metrics_text: bytes) -> int | None:
-    """KV capacity in blocks from vLLM's /metrics (the `vllm:cache_config_info` labels)."""
-    m = _GPU_BLOCKS.search(metrics_text)
-    return int(m.group(1)) if m and int(m.group(1)) > 0 else None
 
 
 async def probe_once(client: UpstreamClient, registry: Registry, timeout_s: float = 1.0) -> None:
@@ -27,14 +18,6 @@ async def probe_once(client: UpstreamClient, registry: Registry, timeout_s: floa
             inst.healthy = status == 200
         except UpstreamConnectError:
             inst.healthy = False
-            return
-        if inst.healthy and inst.kv_capacity_blocks is None:  # learn the KV capacity once
-            try:
-                status, text = await client.get(inst.url + "/metrics", timeout_s)
-            except UpstreamConnectError:
-                return
-            if status == 200:
-                inst.kv_capacity_blocks = parse_num_gpu_blocks(text)
 
     await asyncio.gather(*(one(i) for i in registry.all_instances()))
 

@@ -137,10 +137,6 @@ class KVEventSubscriber:
         except Exception:  # fail open; the store counts and logs it
             self.on_event("store_error")
 
-    async def handle(self, frames: list[bytes]) -> None:
-        self.ingest(frames)
-        await self.flush()
-
     async def run(self) -> None:
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.SUB)
