@@ -95,11 +95,12 @@ class Registry:
             tps = rt.prefill_tps.value or 0.0
             mean_uncached = rt.uncached_tokens.value if rt.uncached_tokens.value is not None else 1024.0
             for inst in rt.instances:
-                out.append(Candidate(tier=t, instance_id=inst.instance_id, max_model_len=rt.spec.max_model_len,
+                key = f"{t}/{inst.instance_id}"
+                out.append(Candidate(tier=t, instance_id=inst.instance_id, key=key, max_model_len=rt.spec.max_model_len,
                                      price_input=p.input, price_cached_input=p.cached_input,
                                      price_output=p.output, healthy=inst.serving(now),
                                      in_flight=inst.in_flight,
-                                     cached_tokens=cached.get(f"{t}/{inst.instance_id}", 0) if cached else 0,
+                                     cached_tokens=cached.get(key, 0) if cached else 0,
                                      running=int(inst.running), waiting=int(inst.waiting), kv_usage=inst.kv_usage,
                                      pending_requests=inst.pending_requests, pending_tokens=inst.pending_tokens,
                                      prefill_tps=tps, mean_uncached_tokens=mean_uncached,

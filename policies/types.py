@@ -68,6 +68,14 @@ class RoutingDecision(msgspec.Struct, kw_only=True):
                 "reasons": [f"{r.plugin}: {r.reason}" for r in self.reasons]}
 
 
+def by_tier(cands: list[Candidate]) -> dict[str, list[Candidate]]:
+    """Candidates grouped by tier, in first-seen order."""
+    out: dict[str, list[Candidate]] = {}
+    for c in cands:
+        out.setdefault(c.tier, []).append(c)
+    return out
+
+
 def completion_budget(req: RoutingRequest) -> int:
     return req.max_tokens if req.max_tokens is not None else req.default_completion_tokens
 

@@ -13,6 +13,7 @@ import msgspec
 from backends.http_client import UpstreamClient, UpstreamConnectError, UpstreamResponse
 from backends.registry import InstanceState, Registry
 from backends.resilience import RetryBudget, parse_retry_after
+from policies.plugins.slo_feasible import queued_requests
 from policies.types import Candidate
 from router.errors import ApiError, error_body
 from router.schemas import Usage, UsageEnvelope
@@ -142,7 +143,7 @@ class Forwarder:
             self.registry.record_success(inst)
             out.tier, out.instance, out.status = cand.tier, cand.instance_id, resp.status
             out.expected_cached = cand.cached_tokens
-            out.backlog_at_dispatch = cand.pending_requests + max(0, cand.waiting - cand.pending_requests)
+            out.backlog_at_dispatch = queued_requests(cand)
             if stream and resp.status == 200:
                 return Upstream(resp.status, {}, None,
                                 self._relay(resp, inst, client_wants_usage, out, on_done, prefill))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from policies.types import Candidate, RoutingRequest
+from policies.types import Candidate, RoutingRequest, by_tier
 
 
 class BoundedLoad:
@@ -32,12 +32,9 @@ class BoundedLoad:
         self.min_bound = min_bound
 
     def filter(self, req: RoutingRequest, cands: list[Candidate]) -> tuple[list[Candidate], str]:
-        by_tier: dict[str, list[Candidate]] = {}
-        for cand in cands:
-            by_tier.setdefault(cand.tier, []).append(cand)
         allowed: set[str] = set()
         caps: list[str] = []
-        for tier, group in by_tier.items():
+        for tier, group in by_tier(cands).items():
             cap = max(math.ceil(self.c * (sum(x.in_flight for x in group) + 1) / len(group)), self.min_bound)
             ok = [x for x in group if x.in_flight + 1 <= cap] or group
             allowed.update(x.key for x in ok)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 
-from policies.types import Candidate, RoutingRequest
+from policies.types import Candidate, RoutingRequest, by_tier
 
 
 class PrefixAffinity:
@@ -67,22 +67,20 @@ class PrefixAffinity:
 
     def common_matches(self, req: RoutingRequest, cands: list[Candidate]) -> dict[str, int]:
         """Per tier: the longest match held by more than `common_share` of its candidates (2 at least)."""
-        matches: dict[str, list[int]] = {}
-        for c in cands:
-            matches.setdefault(c.tier, []).append(min(c.cached_tokens, req.prompt_tokens.get(c.tier, 0)))
         out = {}
-        for tier, ms in matches.items():
-            ms.sort(reverse=True)
+        for tier, group in by_tier(cands).items():
+            ms = sorted((min(c.cached_tokens, req.prompt_tokens.get(tier, 0)) for c in group), reverse=True)
             k = max(1, math.floor(self.common_share * len(ms)))  # ms[k]: held by k + 1 candidates or more
             out[tier] = ms[k] if len(ms) > 1 and k < len(ms) else 0
         return out
 
     def imbalanced_tiers(self, cands: list[Candidate]) -> set[str]:
-        loads: dict[str, list[int]] = {}
-        for c in cands:
-            loads.setdefault(c.tier, []).append(c.in_flight)
-        return {t for t, ls in loads.items()
-                if max(ls) - min(ls) > self.balance_abs_threshold and max(ls) > self.balance_rel_threshold * min(ls)}
+        out = set()
+        for t, group in by_tier(cands).items():
+            hi, lo = max(c.in_flight for c in group), min(c.in_flight for c in group)
+            if hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo:
+                out.add(t)
+        return out
 
     def score(self, req: RoutingRequest, cands: list[Candidate]) -> tuple[list[float], str]:
         if not cands:

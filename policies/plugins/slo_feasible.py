@@ -27,12 +27,17 @@ from __future__ import annotations
 from policies.types import Candidate, RoutingRequest
 
 
+def queued_requests(c: Candidate) -> int:
+    """Requests ahead of a new one: ours still prefilling, plus the engine's other waiting ones."""
+    return c.pending_requests + max(0, c.waiting - c.pending_requests)
+
+
 def predicted_ttft_s(req: RoutingRequest, c: Candidate) -> float | None:
     if c.prefill_tps <= 0:
         return None
     prompt = req.prompt_tokens.get(c.tier, 0)
     uncached = max(prompt - min(c.cached_tokens, prompt), 1)
-    others = max(0, c.waiting - c.pending_requests)
+    others = queued_requests(c) - c.pending_requests
     return (c.pending_tokens + others * c.mean_uncached_tokens + uncached) / c.prefill_tps
 
 
