@@ -39,6 +39,8 @@ class UpstreamResponse(Protocol):
 
     async def close(self) -> None: ...
 
+    def half_close(self) -> bool: ...
+
 
 class UpstreamClient(Protocol):
     name: str
@@ -69,6 +71,16 @@ class _AiohttpResponse:
 
     async def close(self) -> None:
         self._resp.close()
+
+    def half_close(self) -> bool:
+        """Send EOF upstream but keep reading: vLLM (and the simulator) abort the request on it, and
+        whatever they wrote before arrives, so the tokens they produced can be billed exactly."""
+        conn = self._resp.connection
+        transport = conn.transport if conn is not None else None
+        if transport is None or not transport.can_write_eof():
+            return False
+        transport.write_eof()
+        return True
 
 
 class AiohttpClient:
@@ -130,6 +142,9 @@ class _HttpxResponse:
 
     async def close(self) -> None:
         await self._resp.aclose()
+
+    def half_close(self) -> bool:
+        return False  # httpx exposes no half-close: an abandoned stream is closed outright
 
 
 class HttpxClient:

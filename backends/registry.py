@@ -37,9 +37,13 @@ class InstanceState:
     scraped_at: float | None = None
     kv_events: str | None = None            # vLLM KV-event endpoint (ZMQ), from the policy
     kv_capacity_blocks: int | None = None   # from the policy, else scraped (vllm:cache_config_info)
+    peer_in_flight: int = 0                 # the same counts from the other router replicas (LoadSync)
+    peer_pending_requests: int = 0
+    peer_pending_tokens: int = 0
 
     def serving(self, now: float) -> bool:
-        return self.healthy and now >= self.ejected_until
+        """Probed healthy, not ejected, and, while half-open, not already running its one trial request."""
+        return self.healthy and now >= self.ejected_until and not (self.half_open and self.in_flight > 0)
 
 
 class Ewma:
@@ -68,7 +72,7 @@ class TierRuntime:
 
 
 class Registry:
-    """Tiers and instances of the active policy. Not shared across processes (v1)."""
+    """Tiers and instances of the active policy; peers' load arrives through `router.load_sync`."""
 
     def __init__(self, policy: Policy, urls: dict[str, list[InstanceSpec]] | None = None,
                  clock: Clock = time.monotonic, outlier: OutlierConfig | None = None) -> None:
@@ -99,10 +103,11 @@ class Registry:
                 out.append(Candidate(tier=t, instance_id=inst.instance_id, key=key, max_model_len=rt.spec.max_model_len,
                                      price_input=p.input, price_cached_input=p.cached_input,
                                      price_output=p.output, healthy=inst.serving(now),
-                                     in_flight=inst.in_flight,
+                                     in_flight=inst.in_flight + inst.peer_in_flight,
                                      cached_tokens=cached.get(key, 0) if cached else 0,
                                      running=int(inst.running), waiting=int(inst.waiting), kv_usage=inst.kv_usage,
-                                     pending_requests=inst.pending_requests, pending_tokens=inst.pending_tokens,
+                                     pending_requests=inst.pending_requests + inst.peer_pending_requests,
+                                     pending_tokens=inst.pending_tokens + inst.peer_pending_tokens,
                                      prefill_tps=tps, mean_uncached_tokens=mean_uncached,
                                      gpu_cost_per_hour=rt.spec.gpu_cost_per_hour or 0.0,
                                      tpot_s=rt.tpot_s.value or 0.0))

@@ -5,9 +5,11 @@ Outlier ejection (per instance, clock injected):
     for `base_ejection_s x times_ejected` (capped at `max_ejection_s`);
   * never more than `max_ejection_percent` of a tier's instances are ejected at once
     (the failure is still counted, the instance stays in);
-  * when the ejection time is over the instance is readmitted half-open: its next
-    failure ejects it again at once, for longer; a success closes it, and each
-    `base_ejection_s x 10` of healthy service after that forgets one past ejection;
+  * this is the per-instance circuit breaker: closed -> open (ejected) -> half-open.
+    When the ejection time is over the instance is readmitted half-open and takes one
+    trial request at a time; its failure ejects it again at once, for longer; its
+    success closes it, and each `base_ejection_s x 10` of healthy service after that
+    forgets one past ejection;
   * panic: the `healthy` filter keeps every instance when none is serving
     (`panic_when_empty`).
 Cool-down: a 429 or 503 carrying Retry-After takes the instance out for that long

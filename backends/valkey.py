@@ -32,7 +32,11 @@ def free_port() -> int:
 
 
 class EmbeddedValkey:
-    def __init__(self, data_dir: Path, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, binary: str | None = None,
+                 appendfsync: str | None = "everysec") -> None:
+        """`appendfsync`: the append-only file's fsync policy (always, everysec); None: no persistence.
+        Usage and budgets live here, so the embedded default keeps them across restarts."""
+        self.appendfsync = appendfsync
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
         self.binary = binary or server_binary()
@@ -46,7 +50,8 @@ class EmbeddedValkey:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.data_dir), "--protected-mode", "yes",
+             *(["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.appendfsync else
+               ["--appendonly", "no"]), "--dir", str(self.data_dir), "--protected-mode", "yes",
              "--logfile", str(self.data_dir / "valkey.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from policies.plugins.bounded_load import BoundedLoad
+from policies.plugins.budget_degrade import BudgetDegrade
 from policies.plugins.context_fits import ContextFits
 from policies.plugins.expected_cost import ExpectedCost
 from policies.plugins.healthy import Healthy
@@ -22,6 +23,7 @@ KNOWN_FILTERS: dict[str, Callable[..., Filter]] = {
     "healthy": Healthy,
     "bounded_load": BoundedLoad,
     "slo_feasible": SloFeasible,
+    "budget_degrade": BudgetDegrade,
 }
 KNOWN_SCORERS: dict[str, Callable[..., Scorer]] = {
     "expected_cost": ExpectedCost,

@@ -67,11 +67,49 @@ class SloClass(msgspec.Struct, **STRICT):
     batchable: bool = False
 
 
+class RateLimits(msgspec.Struct, **STRICT):
+    """Per-tenant sliding one-minute windows, on Redis time, shared by every replica."""
+
+    rpm: int | None = None          # requests per minute
+    tpm: int | None = None          # prompt + completion tokens per minute (reserved at max_tokens)
+
+
+class Budgets(msgspec.Struct, **STRICT):
+    """Spend caps in USD per UTC calendar day and month; worst-case cost is reserved at admission."""
+
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+
+
+class DegradeSpec(msgspec.Struct, **STRICT):
+    """Near its budget, prefer `tiers` (cheaper ones), but only where they still meet the SLO."""
+
+    at_fraction: float = 0.8        # of any budget spent (or reserved)
+    tiers: list[str] = []
+
+
 class TenantSpec(msgspec.Struct, **STRICT):
     key_sha256: list[str]
     allowed_tiers: list[str] = msgspec.field(default_factory=lambda: ["*"])
     allowed_models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     default_slo: str = ""
+    limits: RateLimits = RateLimits()
+    budgets: Budgets = Budgets()
+    on_store_failure: str = "reject"    # Redis away: reject | allow_share
+    store_failure_share: float = 0.1    # allow_share: each replica may spend this share of what remained
+    degrade: DegradeSpec | None = None
+
+
+class AdminSpec(msgspec.Struct, **STRICT):
+    """Keys for /admin/* and the all-tenant dashboard; never valid as tenant keys."""
+
+    key_sha256: list[str] = []
+
+
+class AccountingSpec(msgspec.Struct, **STRICT):
+    reservation_ttl_s: float = 900.0    # an unsettled reservation is released after this (crashed router)
+    ledger_maxlen: int = 1_000_000      # usage records kept per tenant stream (aggregates are kept apart)
+    baseline_tier: str = ""             # "what it would have cost" on one tier; default: the first route's
 
 
 class PluginSpec(msgspec.Struct, **STRICT):
@@ -105,6 +143,8 @@ class Policy(msgspec.Struct, **STRICT):
     slo_classes: dict[str, SloClass] = {}
     tenants: dict[str, TenantSpec] = {}
     defaults: Defaults = Defaults()
+    admin: AdminSpec = AdminSpec()
+    accounting: AccountingSpec = AccountingSpec()
 
 
 class PolicyError(ValueError):
@@ -278,6 +318,34 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
                 errs.append((f"{base}.allowed_models[{i}]", f"unknown model {m!r}"))
         if tenant.default_slo and tenant.default_slo not in policy.slo_classes:
             errs.append((f"{base}.default_slo", f"unknown SLO class {tenant.default_slo!r}"))
+        for field in ("rpm", "tpm"):
+            v = getattr(tenant.limits, field)
+            if v is not None and v < 1:
+                errs.append((f"{base}.limits.{field}", "must be >= 1"))
+        for field in ("daily_usd", "monthly_usd"):
+            v = getattr(tenant.budgets, field)
+            if v is not None and v < 0:
+                errs.append((f"{base}.budgets.{field}", "must be >= 0"))
+        if tenant.on_store_failure not in ("reject", "allow_share"):
+            errs.append((f"{base}.on_store_failure", "must be 'reject' or 'allow_share'"))
+        if not 0 <= tenant.store_failure_share <= 1:
+            errs.append((f"{base}.store_failure_share", "must be between 0 and 1"))
+        if tenant.degrade is not None:
+            if not 0 < tenant.degrade.at_fraction <= 1:
+                errs.append((f"{base}.degrade.at_fraction", "must be in (0, 1]"))
+            for i, t in enumerate(tenant.degrade.tiers):
+                if t not in policy.tiers:
+                    errs.append((f"{base}.degrade.tiers[{i}]", f"unknown tier {t!r}"))
+    tenant_keys = {h for t in policy.tenants.values() for h in t.key_sha256}
+    for i, h in enumerate(policy.admin.key_sha256):
+        if not _SHA256.match(h):
+            errs.append((f"$.admin.key_sha256[{i}]", "must be a lowercase hex SHA-256 (64 characters)"))
+        elif h in tenant_keys:
+            errs.append((f"$.admin.key_sha256[{i}]", "an admin key must not also be a tenant key"))
+    if policy.accounting.reservation_ttl_s <= 0:
+        errs.append(("$.accounting.reservation_ttl_s", "must be > 0"))
+    if policy.accounting.baseline_tier and policy.accounting.baseline_tier not in policy.tiers:
+        errs.append(("$.accounting.baseline_tier", f"unknown tier {policy.accounting.baseline_tier!r}"))
     if policy.defaults.slo_class and policy.defaults.slo_class not in policy.slo_classes:
         errs.append(("$.defaults.slo_class", f"unknown SLO class {policy.defaults.slo_class!r}"))
     if policy.defaults.completion_tokens < 1:

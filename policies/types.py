@@ -20,6 +20,7 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     ttft_target_s: float | None = None    # from the SLO class or x-slo-ttft-ms
     tpot_target_s: float | None = None    # from the SLO class or x-slo-tpot-ms
     expected_output_tokens: float | None = None  # the route's running mean of real completion lengths
+    degrade_tiers: frozenset[str] | None = None  # tenant near its budget: prefer these tiers where feasible
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):

@@ -140,7 +140,8 @@ class AffinityStore:
 
     async def _call(self, op: str, coro: Any) -> Any:
         try:
-            result = await asyncio.wait_for(coro, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
+                result = await coro
         except Exception as exc:
             self.on_event(op, "error")
             if self.breaker.failure():

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -22,14 +23,19 @@ from backends.registry import Registry
 from backends.tokenization import TokenizerCache, tokenizer_executor
 from backends.vllm_metrics import scrape_forever
 from policies.schema import InstanceSpec, Policy, load_policy
+from router.accounting import Accountant
 from router.affinity_store import AffinityStore, Breaker
+from router.budget_store import BudgetStore
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
+from router.journal import Journal
 from router.kv_events import InstanceIndexer, KVEventSubscriber
+from router.load_sync import LoadSync
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 from router.prefix_hash import tier_seed
 from router.settings import Settings
+from router.usage_routes import usage_handlers
 
 _enc = msgspec.json.Encoder()
 JSON = "application/json"
@@ -78,9 +84,18 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             store, timeout_s=settings.affinity_timeout_s,
             breaker=Breaker(settings.affinity_breaker_failures, settings.affinity_breaker_cooldown_s),
             on_event=lambda op, result: metrics.child(metrics.affinity, op, result).inc())
+    load_sync = None
+    if store is not None and settings.load_sync_interval_s > 0:
+        load_sync = LoadSync(store, registry, uuid.uuid4().hex[:12], interval_s=settings.load_sync_interval_s,
+                             timeout_s=settings.redis_timeout_s, stale_s=settings.load_sync_stale_s,
+                             on_result=lambda result: metrics.child(metrics.load_sync, result).inc())
+    journal = Journal(Path(settings.data_dir) / "journal")
+    accountant = Accountant(policy, BudgetStore(store, ledger_maxlen=policy.accounting.ledger_maxlen)
+                            if store is not None else None, journal, metrics,
+                            timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
     gw = Gateway(policy, registry, client, metrics, tokenizers or TokenizerCache(), executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
-                 affinity_store=aff_store)
+                 affinity_store=aff_store, accountant=accountant)
     state: dict[str, Any] = {"redis_ok": False}
 
     @contextlib.asynccontextmanager
@@ -94,6 +109,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 log.warning("redis_unavailable", error=type(exc).__name__)
         tasks = [asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe"),
                  asyncio.create_task(scrape_forever(client, registry, settings.scrape_interval_s), name="scrape")]
+        tasks.append(asyncio.create_task(accountant.background(), name="accounting"))
+        if load_sync is not None:
+            tasks.append(asyncio.create_task(load_sync.run(), name="load-sync"))
         if aff_store is not None:
             for sub in kv_subscribers(policy, registry, aff_store, metrics):
                 tasks.append(asyncio.create_task(sub.run(), name=f"kv-events-{sub.tier}-{sub.instance}"))
@@ -104,7 +122,16 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=5)  # bounded: a task that ignores its cancel can't hang us
+            if stuck:
+                log.warning("shutdown_tasks_stuck", tasks=sorted(t.get_name() for t in stuck))
+            if load_sync is not None:
+                await load_sync.leave()
+            if gw.forwarder.drains:
+                await asyncio.wait(list(gw.forwarder.drains), timeout=10)
+            await accountant.drain()
+            await accountant.replay_once()
+            journal.close()
             if aff_store is not None:
                 await aff_store.drain()
             await client.close()
@@ -187,7 +214,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         return render(500, error_body(500, "internal error", code="internal_error"))
 
     return Litestar(
-        route_handlers=[chat, completions, models, health, ready, prom],
+        route_handlers=[chat, completions, models, health, ready, prom, *usage_handlers(policy, accountant)],
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="tiergate", version="0.1.0", path="/schema"),
         exception_handlers={HTTPException: http_error, Exception: internal_error},

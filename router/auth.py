@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -17,17 +19,47 @@ def new_key() -> str:
     return "sk-tg-" + secrets.token_urlsafe(32)
 
 
+def bearer_or_basic(authorization: str | None) -> str | None:
+    """The key from `Bearer <key>`, or the password of `Basic` (so a browser can open the dashboard)."""
+    if not authorization:
+        return None
+    if authorization.startswith(("Bearer ", "bearer ")):
+        return authorization[7:].strip() or None
+    if authorization.startswith(("Basic ", "basic ")):
+        try:
+            user_pass = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return user_pass.partition(":")[2] or None
+    return None
+
+
 class KeyIndex:
     def __init__(self, policy: Policy) -> None:
         self._by_hash: dict[str, tuple[str, str]] = {}
         for tenant, spec in policy.tenants.items():
             for h in spec.key_sha256:
                 self._by_hash[h] = (h, tenant)
+        self._admin = list(policy.admin.key_sha256)
 
-    def tenant_for(self, authorization: str | None) -> str | None:
+    def is_admin(self, authorization: str | None, allow_basic: bool = False) -> bool:
+        key = bearer_or_basic(authorization) if allow_basic else self._bearer(authorization)
+        if key is None:
+            return False
+        digest = hash_key(key)
+        found = False
+        for h in self._admin:  # constant time per stored hash, and every hash is compared
+            found |= hmac.compare_digest(h, digest)
+        return found
+
+    @staticmethod
+    def _bearer(authorization: str | None) -> str | None:
         if not authorization or not authorization.startswith(("Bearer ", "bearer ")):
             return None
-        key = authorization[7:].strip()
+        return authorization[7:].strip() or None
+
+    def tenant_for(self, authorization: str | None, allow_basic: bool = False) -> str | None:
+        key = bearer_or_basic(authorization) if allow_basic else self._bearer(authorization)
         if not key:
             return None
         digest = hash_key(key)

@@ -20,9 +20,11 @@ from backends.tokenization import TokenizerCache
 from policies.engine import build_profiles
 from policies.schema import Policy
 from policies.types import RoutingDecision, RoutingRequest
+from router.accounting import Accountant, baseline_tier, cost_units
 from router.affinity import Affinity
 from router.affinity_store import AffinityStore
 from router.auth import KeyIndex
+from router.budget_store import Usage, usd
 from router.errors import ApiError
 from router.logs import get_logger
 from router.metrics import RouterMetrics
@@ -50,6 +52,7 @@ def forward_body(body: dict[str, Any], model: str, stream: bool) -> bytes:
     if stream:
         so = dict(fwd.get("stream_options") or {})
         so["include_usage"] = True
+        so["continuous_usage_stats"] = True  # exact billing of streams that end early (vLLM's option)
         fwd["stream_options"] = so
     return _encode.encode(fwd)
 
@@ -64,7 +67,8 @@ def _param_from_path(msg: str) -> str | None:
 class Gateway:
     def __init__(self, policy: Policy, registry: Registry, client: UpstreamClient, metrics: RouterMetrics,
                  tokenizers: TokenizerCache, executor: Any, *, max_attempts: int = 3,
-                 expose_decision: bool = False, affinity_store: AffinityStore | None = None) -> None:
+                 expose_decision: bool = False, affinity_store: AffinityStore | None = None,
+                 accountant: Accountant | None = None) -> None:
         self.policy = policy
         self.registry = registry
         self.metrics = metrics
@@ -73,6 +77,8 @@ class Gateway:
         self.prompts = PromptTokenizer(policy, tokenizers, executor)
         self.affinity = Affinity(policy, registry, affinity_store, executor)
         self.expose_decision = expose_decision
+        self.accountant = accountant
+        self.baseline = baseline_tier(policy)
         self.log = get_logger("tiergate.request")
         self.forwarder = Forwarder(client, registry, max_attempts,
                                    lambda tier, why: metrics.retries.labels(tier, why).inc())
@@ -147,10 +153,17 @@ class Gateway:
                               tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
                               default_completion_tokens=self.policy.defaults.completion_tokens,
                               slo_class=slo_class, ttft_target_s=ttft_target, tpot_target_s=tpot_target,
-                              expected_output_tokens=self._expected_output(req.model))
+                              expected_output_tokens=self._expected_output(req.model),
+                              degrade_tiers=self._degrade(tenant))
         decision = self.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))
         if decision.chosen is None:
             raise self._no_candidate(rreq, decision)
+        aid = uuid.uuid4().hex  # the accounting id: admission, settlement and the ledger record
+        if self.accountant is not None:
+            tiers_tried = {c.tier for c in decision.ranked[: self.forwarder.max_attempts]}
+            budget = limit if limit is not None else self.policy.defaults.completion_tokens
+            reserve = max(cost_units(self.policy.tiers[t], counts[t], 0, budget) for t in tiers_tried)
+            await self.accountant.admit(tenant, aid, max(counts[t] for t in tiers_tried) + budget, reserve)
         client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         bodies: dict[str, bytes] = {}
 
@@ -160,15 +173,28 @@ class Gateway:
                 b = bodies[tier] = forward_body(body, self.policy.tiers[tier].model, req.stream)
             return b
 
-        out = Outcome()
+        out = Outcome(keep_chunk_usage=bool(client_wants_usage and req.stream_options
+                                            and req.stream_options.continuous_usage_stats))
         overhead = time.perf_counter() - t0
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
 
-        def done() -> None:
-            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status, rreq)
+        closed = [False]
+        wall_ms = int(time.time() * 1000)
 
-        up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out, done,
-                                       counts)
+        def done() -> None:
+            closed[0] = True
+            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status, rreq,
+                            aid, wall_ms)
+
+        try:
+            up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out,
+                                           done, counts)
+        except BaseException:
+            if not closed[0]:  # cancelled before any answer (client gone): release the reservation
+                out.status = out.status or 499
+                out.error = out.error or "client disconnected before the response"
+                done()
+            raise
         if out.tier is not None and out.instance is not None and up.status == 200:
             self.affinity.record(out.tier, out.instance, hashes)
         headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "", "x-tiergate-instance": out.instance or "",
@@ -193,6 +219,13 @@ class Gateway:
         return ApiError(503, "no backend instance is available for this model", code="no_backend",
                         headers={"Retry-After": "1"})
 
+    def _degrade(self, tenant: str) -> frozenset[str] | None:
+        spec = self.policy.tenants[tenant].degrade
+        if spec is None or self.accountant is None or not spec.tiers:
+            return None
+        used = self.accountant.used.get(tenant, 0.0)
+        return frozenset(spec.tiers) if used >= spec.at_fraction else None
+
     def _expected_output(self, route: str) -> float | None:
         e = self.registry.route_output_tokens.get(route)
         return e.value if e is not None and e.samples >= 5 else None
@@ -207,7 +240,7 @@ class Gateway:
 
     def _close_out(self, rid: str, tenant: str, route: str, counts: dict[str, int], out: Outcome, t0: float,
                    overhead: float, decision: RoutingDecision, affinity: str = "off",
-                   rreq: RoutingRequest | None = None) -> None:
+                   rreq: RoutingRequest | None = None, aid: str | None = None, wall_ms: int = 0) -> None:
         now = time.perf_counter()
         tier = out.tier or "none"
         usage = out.usage
@@ -216,10 +249,8 @@ class Gateway:
         else:  # no usage from the backend (stream cut): bill what we counted
             prompt = counts.get(tier, 0) if out.first_byte_at is not None else 0
             completion, cached = out.streamed_chunks, 0
-        cost = 0.0
-        if out.tier is not None:
-            p = self.policy.tiers[out.tier].prices
-            cost = ((prompt - cached) * p.input + cached * p.cached_input + completion * p.output) / 1e6
+        units = cost_units(self.policy.tiers[out.tier], prompt, cached, completion) if out.tier is not None else 0
+        cost = usd(units)
         if out.tier is not None and usage is not None and out.first_byte_at is not None:
             first_token = out.first_token_at if out.first_token_at is not None else out.first_byte_at
             self._learn(out.tier, prompt - cached, first_token - t0 - overhead, out.backlog_at_dispatch)
@@ -234,10 +265,20 @@ class Gateway:
             slo_met = first - t0 <= slo.ttft_target_s
             self.metrics.child(self.metrics.slo, out.tier, tenant, slo.slo_class or "none",
                                "met" if slo_met else "missed").inc()
+        if self.accountant is not None and aid is not None:
+            first_ms = None if first is None else (first - t0) * 1000
+            self.accountant.settle(tenant, aid, Usage(
+                tier=tier, instance=out.instance or "", route=route, status=out.status, prompt=prompt, cached=cached,
+                completion=completion, cost=units,
+                base=cost_units(self.policy.tiers[self.baseline], prompt, cached, completion) if units else 0,
+                nocache=cost_units(self.policy.tiers[out.tier], prompt, 0, completion) if out.tier else 0,
+                latency_ms=(now - t0) * 1000, ttft_ms=first_ms, slo_met=slo_met,
+                at_ms=wall_ms or int(time.time() * 1000),
+                source="backend" if usage is not None else "counted"))
         self.metrics.request_done(tier if out.tier is not None else "none", tenant, route, out.status, prompt,
                                   cached, completion, cost, overhead, now - t0,
                                   None if out.first_byte_at is None else out.first_byte_at - t0)
-        self.log.info("request", request_id=rid, tenant=tenant, route=route, tier=out.tier,
+        self.log.info("request", request_id=rid, accounting_id=aid, tenant=tenant, route=route, tier=out.tier,
                       instance=out.instance, status=out.status, prompt_tokens=prompt,
                       completion_tokens=completion, cached_tokens=cached, cost_usd=round(cost, 8),
                       ttft_ms=round((out.first_byte_at - t0) * 1000, 2) if out.first_byte_at else None,

@@ -37,6 +37,20 @@ class RouterMetrics:
                                 registry=r)
         self.kv_events = Counter("tiergate_kv_events", "KV-event stream anomalies (gap, malformed, store_error).",
                                  ["tier", "instance", "kind"], registry=r)
+        self.load_sync = Counter("tiergate_load_sync", "Syncs of per-instance load with the other replicas.",
+                                 ["result"], registry=r)
+        self.admissions = Counter("tiergate_admissions", "Admission decisions by tenant and result (admitted, "
+                                  "rate_limited, budget_exceeded, store_unavailable_rejected, "
+                                  "store_unavailable_allowed).",
+                                  ["tenant", "result"], registry=r)
+        self.budget_remaining = Gauge("tiergate_budget_remaining_usd", "Budget left in the current period, as of "
+                                      "the last admission.", ["tenant", "period"], registry=r)
+        self.settlements = Counter("tiergate_settlements", "Settlements by how they landed (open, expired, orphan, "
+                                   "dup, journaled).", ["result"], registry=r)
+        self.journal_pending = Gauge("tiergate_usage_journal_pending", "Usage records waiting in the local journal "
+                                     "for Redis.", registry=r)
+        self.swept = Counter("tiergate_reservations_expired", "Reservations released by the sweeper (a router "
+                             "died mid-request).", ["tenant"], registry=r)
         self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
                              registry=r)
 

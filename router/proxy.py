@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -19,6 +20,8 @@ from router.errors import ApiError, error_body
 from router.schemas import Usage, UsageEnvelope
 
 _usage_dec = msgspec.json.Decoder(UsageEnvelope)
+_any_dec = msgspec.json.Decoder()
+_any_enc = msgspec.json.Encoder()
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 _TOO_LONG = re.compile(rb"maximum context length|context_length_exceeded|too long", re.I)
 _FIRST_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')  # non-empty text: not the role-only first chunk
@@ -40,6 +43,7 @@ class Outcome:
     expected_cached: int | None = None  # what the affinity index expected on the chosen instance
     backlog_at_dispatch: int = 0        # queued requests the chosen instance had when we sent this one
     first_token_at: float | None = None  # first non-empty token (a stream's first chunk may carry only the role)
+    keep_chunk_usage: bool = False       # the client itself asked for continuous usage stats
 
 
 @dataclass
@@ -55,6 +59,17 @@ def _prefilled(inst: InstanceState, tokens: int) -> None:
     inst.pending_tokens -= tokens
 
 
+def _split_events(buf: bytes) -> tuple[list[bytes], bytes]:
+    """Complete SSE events (each ending in a blank line) at the head of `buf`, and the rest."""
+    events: list[bytes] = []
+    while True:
+        i = buf.find(b"\n\n")
+        if i < 0:
+            return events, buf
+        events.append(buf[: i + 2])
+        buf = buf[i + 2:]
+
+
 def _logged(exc: ApiError) -> ApiError:
     exc.logged = True  # the close-out already wrote this request's canonical line
     return exc
@@ -62,7 +77,10 @@ def _logged(exc: ApiError) -> ApiError:
 
 class Forwarder:
     def __init__(self, client: UpstreamClient, registry: Registry, max_attempts: int,
-                 on_retry: Callable[[str, str], None], budget: RetryBudget | None = None) -> None:
+                 on_retry: Callable[[str, str], None], budget: RetryBudget | None = None,
+                 drain_s: float = 5.0) -> None:
+        self.drain_s = drain_s
+        self.drains: set[asyncio.Task[None]] = set()  # abandoned streams being read to their usage
         self.budget = budget or RetryBudget(lambda: sum(i.in_flight for i in registry.all_instances()))
         self.client = client
         self.registry = registry
@@ -193,6 +211,7 @@ class Forwarder:
                      on_done: Callable[[], None], prefill: int = 0) -> AsyncIterator[bytes]:
         buf = b""
         pending = True
+        abandoned = False   # the client went away: _drain closes out instead
         try:
             async for chunk in resp.iter_chunks():
                 if out.first_byte_at is None:
@@ -201,30 +220,57 @@ class Forwarder:
                     pending = False
                     out.first_token_at = time.perf_counter()
                     _prefilled(inst, prefill)
-                buf += chunk
-                pieces: list[bytes] = []
-                while True:
-                    i = buf.find(b"\n\n")
-                    if i < 0:
-                        break
-                    event, buf = buf[: i + 2], buf[i + 2:]
-                    if self._keep_event(event, client_wants_usage, out):
-                        pieces.append(event)
+                events, buf = _split_events(buf + chunk)
+                pieces = [kept for e in events if (kept := self._keep_event(e, client_wants_usage, out))]
                 if pieces:
                     yield b"".join(pieces)
             if buf.strip():
                 yield buf
+        except (GeneratorExit, asyncio.CancelledError):
+            # the client went away: abort upstream (EOF) and bill what the backend produced until then
+            if pending:
+                _prefilled(inst, prefill)
+            out.error = "client disconnected"
+            abandoned = True
+            task = asyncio.create_task(self._drain(resp, inst, out, on_done))
+            self.drains.add(task)
+            task.add_done_callback(self.drains.discard)
+            raise
         except Exception as exc:  # upstream broke after the first byte: end with an error event
             out.error = f"upstream stream broke: {type(exc).__name__}"
             out.status = 502
             yield b"data: " + error_body(502, "the backend stream ended unexpectedly", code="upstream_stream_error") \
                 + b"\n\n"
         finally:
-            if pending:
-                _prefilled(inst, prefill)
+            if not abandoned:
+                if pending:
+                    _prefilled(inst, prefill)
+                inst.in_flight -= 1
+                on_done()   # bill before anything else can be cancelled
+                await resp.close()
+
+    async def _drain(self, resp: UpstreamResponse, inst: InstanceState, out: Outcome,
+                     on_done: Callable[[], None]) -> None:
+        """Abort an abandoned stream and bill exactly what the backend sent before it stopped.
+
+        EOF goes upstream (a half-close); vLLM and the simulator abort the request on it, and
+        the chunks they wrote before that still arrive and are read here (at most `drain_s`),
+        so the last per-chunk usage (continuous usage stats) is what the backend produced.
+        Where half-close is not possible the stream is closed and the last usage seen is billed."""
+        buf = b""
+        try:
+            if resp.half_close():
+                async with asyncio.timeout(self.drain_s):
+                    async for chunk in resp.iter_chunks():
+                        events, buf = _split_events(buf + chunk)
+                        for event in events:
+                            self._keep_event(event, False, out)
+        except Exception:
+            pass  # the backend closed after the abort, as expected
+        finally:
             inst.in_flight -= 1
-            await resp.close()
             on_done()
+            await resp.close()
 
     def _next_tier_may_fit(self, ranked: list[Candidate], cand: Candidate) -> bool:
         i = ranked.index(cand)
@@ -232,17 +278,29 @@ class Forwarder:
                    for c in ranked[i + 1: self.max_attempts])
 
     @staticmethod
-    def _keep_event(event: bytes, client_wants_usage: bool, out: Outcome) -> bool:
-        if b'"choices":[{' in event:
+    def _keep_event(event: bytes, client_wants_usage: bool, out: Outcome) -> bytes | None:
+        """The event to pass on (None: drop it), noting its usage; per-chunk usage (continuous usage
+        stats, asked for by the router for exact billing of cut streams) is removed again."""
+        choices = b'"choices":[{' in event
+        if choices:
             out.streamed_chunks += 1
         if b'"usage":{' not in event:
-            return True
-        start = event.find(b"{")
+            return event
+        payload = event[event.find(b"{"):].strip()
+        if choices and not out.keep_chunk_usage:  # usage so far on a content chunk: the client did not ask
+            try:
+                obj = _any_dec.decode(payload)
+                usage = msgspec.convert(obj.pop("usage", None), Usage | None)
+            except (msgspec.DecodeError, msgspec.ValidationError, AttributeError):
+                return event
+            if usage is not None:
+                out.usage = usage
+            return b"data: " + _any_enc.encode(obj) + b"\n\n"
         try:
-            usage = _usage_dec.decode(event[start:].strip())
+            env = _usage_dec.decode(payload)
         except msgspec.DecodeError:
-            return True
-        if usage.usage is not None:
-            out.usage = usage.usage
-        # the usage-only chunk has "choices":[]; drop it when the client did not ask for usage
-        return client_wants_usage or b'"choices":[]' not in event
+            return event
+        if env.usage is not None:
+            out.usage = env.usage
+        # the final usage-only chunk has "choices":[]; drop it when the client did not ask for usage
+        return event if client_wants_usage else None

@@ -14,6 +14,7 @@ HOST_FIELDS = frozenset({"base_url", "api_base", "api_url", "url", "endpoint", "
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
 class ContentPart(msgspec.Struct):

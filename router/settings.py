@@ -27,6 +27,9 @@ class Settings(msgspec.Struct, kw_only=True):
     probe_interval_s: float = 2.0
     scrape_interval_s: float = 1.0          # /metrics of every instance (running, waiting, KV usage)
     max_attempts: int = 3
+    accounting_timeout_s: float = 0.1       # one admission round trip; past it, the tenant's on_store_failure
+    load_sync_interval_s: float = 0.05      # share in-flight/queued counts with other replicas via Redis
+    load_sync_stale_s: float = 2.0          # a replica silent this long no longer counts
     log_level: str = "info"
     expose_decision_header: bool = False    # x-tiergate-decision with per-plugin scores
 

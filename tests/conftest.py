@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -87,6 +88,7 @@ async def serve_router(policy: Policy, urls: Mapping[str, Sequence[tuple[str, st
                        **settings: object) -> AsyncIterator[str]:
     """An in-process router on a real socket, on the test's event loop."""
     port = free_port()
+    settings.setdefault("data_dir", tempfile.mkdtemp(prefix="tg-router-"))  # its own usage journal
     s = Settings(port=port, probe_interval_s=3600, **settings)  # type: ignore[arg-type]
     specs = {t: [i if isinstance(i, InstanceSpec) else InstanceSpec(id=i[0], url=i[1]) for i in lst]
              for t, lst in (urls or {}).items()}

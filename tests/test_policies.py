@@ -34,9 +34,9 @@ def test_demo_policy_loads() -> None:
     ("old", "new", "path", "line"),
     [
         ("max_model_len: 32768", "max_model_len: lots", "$.tiers.balanced.max_model_len", 26),
-        ("    profile: cheapest\n  qwen3-1.7b", "    profile: nope\n  qwen3-1.7b", "$.routes.auto.profile", 59),
-        ("{type: load, weight: 1.0", "{type: lod, weight: 1.0", "$.profiles.cheapest.scorers[2].type", 82),
-        ("tiers: [fast, balanced, long]", "tiers: [fast, turbo, long]", "$.routes.auto.tiers[1]", 58),
+        ("    profile: cheapest\n  qwen3-1.7b", "    profile: nope\n  qwen3-1.7b", "$.routes.auto.profile", 74),
+        ("{type: load, weight: 1.0", "{type: lod, weight: 1.0", "$.profiles.cheapest.scorers[2].type", 98),
+        ("tiers: [fast, balanced, long]", "tiers: [fast, turbo, long]", "$.routes.auto.tiers[1]", 73),
         ("  relaxed: {ttft_ms: 10000,", "  relaxed: {ttfb_ms: 10000,", "$.slo_classes.relaxed.ttfb_ms", 41),
     ],
 )

@@ -123,3 +123,19 @@ async def test_every_instance_rate_limited_answers_429_with_their_retry_after() 
             assert r.status_code == 429 and r.headers["retry-after"] == "7"
     finally:
         await limited.close()
+
+
+def test_half_open_instance_takes_one_trial_request_at_a_time() -> None:
+    now = [0.0]
+    reg = registry(2, now, consecutive_failures=1, base_ejection_s=5.0)
+    a = reg.tiers["fast"].instances[0]
+    assert reg.record_failure(a) and not a.serving(now[0])                      # open
+    now[0] = 5.0
+    assert a.serving(now[0]) and a.half_open                                    # half-open: a trial may go
+    a.in_flight = 1                                                             # the trial is in flight
+    assert not a.serving(now[0])
+    assert [c.healthy for c in reg.candidates(("fast",))] == [False, True]
+    a.in_flight = 0
+    reg.record_success(a)                                                       # the trial succeeded: closed
+    a.in_flight = 5
+    assert a.serving(now[0]) and not a.half_open

@@ -116,7 +116,7 @@ def test_forward_body_rewrites_model_keeps_unknown_fields_and_drops_hosts() -> N
     out = msgspec.json.decode(forward_body(raw, FAST, stream=True))
     assert out["model"] == FAST and out["temperature"] == 0.2 and out["my_vendor_field"] == {"a": 1}
     assert "base_url" not in out and "api_base" not in out
-    assert out["stream_options"] == {"include_usage": True}
+    assert out["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert raw["model"] == "auto"  # the client's body is not mutated
 
 

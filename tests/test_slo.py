@@ -169,3 +169,25 @@ async def test_slo_attainment_is_counted_per_class_and_logged() -> None:
         assert any('result="missed"' in ln and ln.endswith(" 1.0") for ln in lines), lines
     finally:
         await sim.close()
+
+
+def test_budget_degrade_prefers_cheaper_tiers_only_where_they_meet_the_slo() -> None:
+    from policies.plugins.budget_degrade import BudgetDegrade
+    from policies.types import Candidate, RoutingRequest
+
+    def cand(tier: str, pending: int) -> Candidate:
+        return Candidate(tier=tier, instance_id="i", max_model_len=40960, price_input=0.1, price_cached_input=0.01,
+                         price_output=0.2, pending_tokens=pending, prefill_tps=10_000.0)
+
+    def req(degrade: frozenset[str] | None, target: float | None = 1.0) -> RoutingRequest:
+        return RoutingRequest(request_id="r", tenant="t", virtual_model="m", route_tiers=("fast", "balanced"),
+                              tenant_tiers=None, prompt_tokens={"fast": 1000, "balanced": 1000}, max_tokens=10,
+                              default_completion_tokens=10, ttft_target_s=target, degrade_tiers=degrade)
+
+    f = BudgetDegrade()
+    idle, busy, bal = cand("fast", 0), cand("fast", 50_000), cand("balanced", 0)
+    assert f.filter(req(None), [idle, bal])[0] == [idle, bal]                 # not near budget: untouched
+    assert f.filter(req(frozenset({"fast"})), [idle, bal])[0] == [idle]      # near budget: the cheap tier
+    kept, why = f.filter(req(frozenset({"fast"})), [busy, bal])              # fast would miss the 1 s target
+    assert kept == [busy, bal] and "not degraded" in why
+    assert f.filter(req(frozenset({"fast"}), None), [busy, bal])[0] == [busy]  # no target: cheaper wins

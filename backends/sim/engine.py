@@ -72,6 +72,7 @@ def _block_tokens(req: SimRequest, bi: int, bs: int) -> list[int]:
 class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    delivered_tokens: int = 0     # generated tokens that were written to a client (an abort can strand some)
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0

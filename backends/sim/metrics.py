@@ -86,6 +86,9 @@ class EngineMetrics:
                [f"vllm:prompt_tokens_total{{{lb}}} {st.prompt_tokens}"])
         metric("vllm:generation_tokens", "counter", "Number of generation tokens processed.",
                [f"vllm:generation_tokens_total{{{lb}}} {st.generation_tokens}"])
+        metric("tiergate_sim:delivered_generation_tokens", "counter",
+               "Generated tokens written to clients (not vLLM's; aborted requests may strand a few).",
+               [f"tiergate_sim:delivered_generation_tokens_total{{{lb}}} {st.delivered_tokens}"])
         metric("vllm:request_success", "counter", "Count of successfully processed requests.",
                [f'vllm:request_success_total{{{lb},finished_reason="{r}"}} {n}'
                 for r, n in sorted(st.success.items())])

@@ -53,6 +53,7 @@ class Parsed:
     max_tokens: int | None
     stream: bool
     include_usage: bool
+    continuous_usage: bool
     ignore_eos: bool
     seed: int | None
 
@@ -249,6 +250,8 @@ class SimServer:
         seed = body.get("seed")
         return Parsed(prompt_ids=ids, max_tokens=max_tokens, stream=bool(body.get("stream", False)),
                       include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
+                      continuous_usage=bool(isinstance(so, dict) and so.get("include_usage")
+                                            and so.get("continuous_usage_stats")),
                       ignore_eos=bool(body.get("ignore_eos", False)),
                       seed=seed if isinstance(seed, int) else None)
 
@@ -282,15 +285,15 @@ class SimServer:
         self.engine.add(req)
         try:
             if p.stream:
-                return await self._stream(request, req, chat, p.include_usage)
+                return await self._stream(request, req, chat, p.include_usage, p.continuous_usage)
             return await self._complete(req, chat)
         finally:
             if req.finish_reason is None:
                 self.engine.abort(req)
 
-    def _usage(self, req: SimRequest) -> dict[str, Any]:
+    def _usage(self, req: SimRequest, completion: int | None = None) -> dict[str, Any]:
         n = len(req.prompt_ids)
-        c = len(req.output_ids)
+        c = len(req.output_ids) if completion is None else completion
         return {"prompt_tokens": n, "total_tokens": n + c, "completion_tokens": c,
                 "prompt_tokens_details": {"cached_tokens": max(req.cached_tokens, 0)}}
 
@@ -313,12 +316,13 @@ class SimServer:
             body = {"id": req.request_id, "object": "text_completion", "created": created,
                     "model": self.model, "choices": [choice], "usage": self._usage(req)}
         raw = _json.encode(body)
+        self.engine.stats.delivered_tokens += len(req.output_ids)
         if self.faults.malformed == "json":
             raw = raw[: len(raw) // 2]
         return web.Response(body=raw, content_type="application/json")
 
     async def _stream(self, request: web.Request, req: SimRequest, chat: bool,
-                      include_usage: bool) -> web.StreamResponse:
+                      include_usage: bool, continuous_usage: bool = False) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -329,11 +333,12 @@ class SimServer:
         chunks = 0
         sent = 0
 
-        async def emit(piece: str) -> None:
+        async def emit(piece: str, tokens: int = 0) -> None:
             nonlocal chunks
             if f.stall_between_chunks_s > 0 and chunks > 0:
                 await asyncio.sleep(f.stall_between_chunks_s)
             await resp.write(piece.encode())
+            self.engine.stats.delivered_tokens += tokens
             chunks += 1
             if f.cut_after_chunks and chunks >= f.cut_after_chunks and request.transport is not None:
                 request.transport.close()
@@ -353,14 +358,16 @@ class SimServer:
             if new or done:
                 text = _json.encode("".join(self.text_of.get(t, "") for t in new)).decode()
                 reason = f'"{req.finish_reason}"' if done else "null"
+                # vLLM's continuous_usage_stats: every chunk carries the usage so far
+                tail = ',"usage":' + _json.encode(self._usage(req, sent)).decode() if continuous_usage else ""
                 if f.malformed == "sse" and chunks >= 1:
                     await emit('data: {"id": broken\n\n')
                 elif chat:
                     await emit(head + f'"choices":[{{"index":0,"delta":{{"content":{text}}},"logprobs":null,'
-                               f'"finish_reason":{reason}}}]}}\n\n')
+                               f'"finish_reason":{reason}}}]{tail}}}\n\n', len(new))
                 else:
                     await emit(head + f'"choices":[{{"index":0,"text":{text},"logprobs":null,'
-                               f'"finish_reason":{reason},"stop_reason":null}}]}}\n\n')
+                               f'"finish_reason":{reason},"stop_reason":null}}]{tail}}}\n\n', len(new))
             if done:
                 break
         if include_usage:

@@ -1,0 +1,241 @@
+"""Tenant admission and exact billing: the request-side face of `BudgetStore` and `Journal`.
+
+* `admit`: tenants with no limits and no budgets are not checked (their usage is still
+  billed). Others run one atomic admission (RPM, TPM, worst-case reservation per day and
+  month, idempotent id) with a short timeout. Over a limit: 429 `rate_limit_exceeded` or
+  `budget_exceeded` with the budget left and Retry-After.
+* Redis away (timeout or error), per the tenant's `on_store_failure`:
+    - `reject`: 503 `accounting_unavailable` with Retry-After;
+    - `allow_share`: this replica may spend `store_failure_share` of the budget left as
+      last seen (of the whole budget if never seen), and of each rate limit, counted
+      locally until Redis answers again. Both outcomes are counted in metrics; limits
+      never silently become per-replica.
+* `settle`: every request that was admitted settles exactly once, at completion,
+  cancellation, client disconnect or backend failure, off the request path. If Redis
+  fails, the record goes to the fsync'd local journal and is replayed (idempotently,
+  by request id) when Redis answers again.
+* Background (lifespan-owned): the journal replayer and the reservation sweeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from policies.schema import Policy, TenantSpec, TierSpec
+from router.budget_store import COST_SCALE, Admission, BudgetStore, Usage, price_units, usd
+from router.errors import ApiError
+from router.journal import Journal
+from router.logs import get_logger
+from router.metrics import RouterMetrics
+
+
+def cost_units(tier: TierSpec, prompt: int, cached: int, completion: int) -> int:
+    p = tier.prices
+    return (max(prompt - cached, 0) * price_units(p.input) + cached * price_units(p.cached_input)
+            + completion * price_units(p.output))
+
+
+def baseline_tier(policy: Policy) -> str:
+    if policy.accounting.baseline_tier:
+        return policy.accounting.baseline_tier
+    return "balanced" if "balanced" in policy.tiers else next(iter(policy.tiers))
+
+
+@dataclass
+class _Share:
+    """allow_share mode: what this replica may still admit on its own while Redis is away."""
+
+    units_left: float | None
+    admitted: deque[float] = field(default_factory=deque)          # times (rpm window)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens)
+
+
+class Accountant:
+    def __init__(self, policy: Policy, store: BudgetStore | None, journal: Journal, metrics: RouterMetrics, *,
+                 timeout_s: float = 0.1, settle_timeout_s: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.store = store
+        self.journal = journal
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self.settle_timeout_s = settle_timeout_s
+        self.clock = clock
+        self.log = get_logger("tiergate.accounting")
+        self.used: dict[str, float] = {}          # tenant -> tightest budget's used fraction, last seen
+        self.left: dict[str, int] = {}            # tenant -> budget units left, last seen
+        self.shares: dict[str, _Share] = {}       # tenants admitted locally while Redis is away
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.store_ok = store is not None
+        metrics.journal_pending.set(journal.pending)
+
+    @staticmethod
+    def limited(spec: TenantSpec) -> bool:
+        return any(v is not None for v in (spec.limits.rpm, spec.limits.tpm, spec.budgets.daily_usd,
+                                            spec.budgets.monthly_usd))
+
+    async def admit(self, tenant: str, rid: str, tokens: int, reserve: int) -> None:
+        spec = self.policy.tenants[tenant]
+        if not self.limited(spec):
+            return
+        b = spec.budgets
+        daily = None if b.daily_usd is None else round(b.daily_usd * COST_SCALE)
+        monthly = None if b.monthly_usd is None else round(b.monthly_usd * COST_SCALE)
+        try:
+            if self.store is None:
+                raise ConnectionError("no Redis configured")
+            async with asyncio.timeout(self.timeout_s):
+                adm = await self.store.admit(
+                    tenant, rid, rpm=spec.limits.rpm, tpm=spec.limits.tpm, tokens=tokens, reserve=reserve,
+                    daily=daily, monthly=monthly, ttl_s=self.policy.accounting.reservation_ttl_s)
+        except Exception as exc:
+            self._store_failed(exc)
+            self._admit_without_store(tenant, spec, tokens, reserve, daily, monthly)
+            return
+        self.store_ok = True
+        self.shares.pop(tenant, None)
+        self._admitted(tenant, adm, daily, monthly)
+
+    def _admitted(self, tenant: str, adm: Admission, daily: int | None, monthly: int | None) -> None:
+        if adm.ok:
+            if adm.kind == "ok":
+                self.used[tenant] = adm.used_fraction
+                if adm.left_units is not None:
+                    self.left[tenant] = adm.left_units
+                    period = "daily" if daily is not None and (monthly is None or daily <= monthly) else "monthly"
+                    self.metrics.child(self.metrics.budget_remaining, tenant, period).set(usd(adm.left_units))
+            self.metrics.child(self.metrics.admissions, tenant, "admitted").inc()
+            return
+        retry = max(1, int(adm.retry_after_s + 0.999))
+        if adm.kind == "rate":
+            self.metrics.child(self.metrics.admissions, tenant, "rate_limited").inc()
+            limit = self.policy.tenants[tenant].limits
+            value = limit.rpm if adm.detail == "rpm" else limit.tpm
+            what = "requests" if adm.detail == "rpm" else "tokens"
+            raise ApiError(429, f"rate limit exceeded: {value} {what} per minute for this key ({adm.detail})",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        self.metrics.child(self.metrics.admissions, tenant, "budget_exceeded").inc()
+        left = usd(adm.left_units or 0)
+        self.metrics.child(self.metrics.budget_remaining, tenant, adm.detail).set(left)
+        raise ApiError(429, f"{adm.detail} budget exceeded: ${left:.6f} left, less than this request's worst-case "
+                            "cost (prompt + max_tokens at the tier's prices); lower max_tokens or wait for the "
+                            "next period", code="budget_exceeded",
+                       headers={"Retry-After": str(retry), "x-tiergate-budget-remaining-usd": f"{left:.6f}"})
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self.store_ok:
+            self.log.warning("accounting_store_unavailable", error=type(exc).__name__)
+        self.store_ok = False
+
+    def _admit_without_store(self, tenant: str, spec: TenantSpec, tokens: int, reserve: int, daily: int | None,
+                             monthly: int | None) -> None:
+        if spec.on_store_failure == "reject":
+            self.metrics.child(self.metrics.admissions, tenant, "store_unavailable_rejected").inc()
+            raise ApiError(503, "the budget store is unavailable and this tenant's policy is to reject "
+                                "(on_store_failure: reject); retry shortly", code="accounting_unavailable",
+                           headers={"Retry-After": "1"})
+        share = spec.store_failure_share
+        st = self.shares.get(tenant)
+        if st is None:
+            base = self.left.get(tenant)
+            if base is None:
+                limits = [x for x in (daily, monthly) if x is not None]
+                base = min(limits) if limits else None
+            st = self.shares[tenant] = _Share(None if base is None else base * share)
+        now = self.clock()
+        while st.admitted and now - st.admitted[0] >= 60:
+            st.admitted.popleft()
+        while st.tokens and now - st.tokens[0][0] >= 60:
+            st.tokens.popleft()
+        why = None
+        if spec.limits.rpm is not None and len(st.admitted) + 1 > spec.limits.rpm * share:
+            why = "rpm"
+        elif spec.limits.tpm is not None and sum(t for _, t in st.tokens) + tokens > spec.limits.tpm * share:
+            why = "tpm"
+        elif st.units_left is not None and reserve > st.units_left:
+            why = "budget"
+        if why is not None:
+            self.metrics.child(self.metrics.admissions, tenant, "store_unavailable_rejected").inc()
+            raise ApiError(429, f"the budget store is unavailable; this replica's share ({share:.0%}) of the "
+                                f"tenant's {'budget' if why == 'budget' else why + ' limit'} is used up",
+                           code="budget_exceeded" if why == "budget" else "rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        st.admitted.append(now)
+        st.tokens.append((now, tokens))
+        if st.units_left is not None:
+            st.units_left -= reserve
+        self.metrics.child(self.metrics.admissions, tenant, "store_unavailable_allowed").inc()
+
+    def settle(self, tenant: str, rid: str, usage: Usage) -> None:
+        """Bill one request, exactly once, off the request path (never raises)."""
+        task = asyncio.get_running_loop().create_task(self._settle(tenant, rid, usage))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _settle(self, tenant: str, rid: str, usage: Usage) -> None:
+        if self.store is not None and (self.store_ok or self.journal.pending == 0):
+            try:
+                async with asyncio.timeout(self.settle_timeout_s):
+                    how = await self.store.settle(tenant, rid, usage)
+                self.metrics.child(self.metrics.settlements, how).inc()
+                return
+            except Exception as exc:
+                self._store_failed(exc)
+        await self.journal.append(tenant, rid, usage)
+        self.metrics.child(self.metrics.settlements, "journaled").inc()
+        self.metrics.journal_pending.set(self.journal.pending)
+
+    async def replay_once(self) -> int:
+        if self.store is None or self.journal.pending == 0:
+            return 0
+        store = self.store
+
+        async def one(tenant: str, rid: str, usage: Usage) -> None:
+            async with asyncio.timeout(self.settle_timeout_s):
+                how = await store.settle(tenant, rid, usage)
+            self.metrics.child(self.metrics.settlements, "replayed_" + how).inc()
+
+        try:
+            n = await self.journal.replay(one)
+        except Exception as exc:
+            self._store_failed(exc)
+            return 0
+        finally:
+            self.metrics.journal_pending.set(self.journal.pending)
+        self.store_ok = True
+        self.log.info("usage_journal_replayed", records=n)
+        return n
+
+    async def sweep_once(self) -> int:
+        if self.store is None:
+            return 0
+        total = 0
+        for tenant, spec in self.policy.tenants.items():
+            if not self.limited(spec):
+                continue
+            try:
+                async with asyncio.timeout(1.0):
+                    n = await self.store.sweep(tenant)
+            except Exception:
+                return total
+            if n:
+                self.metrics.child(self.metrics.swept, tenant).inc(n)
+                total += n
+        return total
+
+    async def background(self, replay_interval_s: float = 1.0, sweep_interval_s: float = 5.0) -> None:
+        last_sweep = 0.0
+        while True:
+            await self.replay_once()
+            if time.monotonic() - last_sweep >= sweep_interval_s:
+                last_sweep = time.monotonic()
+                await self.sweep_once()
+            await asyncio.sleep(replay_interval_s)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=10)

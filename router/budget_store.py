@@ -1,0 +1,150 @@
+"""Per-tenant admission, settlement and the usage ledger in Redis: one atomic script per step.
+
+* `admit`: checks the tenant's RPM and TPM sliding windows (one minute, on Redis time),
+  reserves the request's worst-case cost against the UTC day and month budgets, and
+  records the request id; admitting the same id again is a no-op (`dup`).
+* `settle`: releases the reservation, adds the real cost to the periods it was reserved
+  in, corrects the TPM window to the real tokens, appends one ledger record to the
+  tenant's stream and adds it to the hourly aggregates. Settling an id twice is a no-op.
+  Settling an id that was never admitted (Redis was away, or the tenant has no limits)
+  bills it at the request's own time ("orphan"); settling after the sweeper released
+  the reservation ("expired") bills it without releasing anything twice.
+* `sweep`: releases reservations past their TTL (a router that died mid-request).
+
+Money is integer units of 1e-10 USD (`COST_SCALE`), so sums are exact. Scripts live in
+`router.budget_lua`. Callers set the timeouts: this class never retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from router import budget_lua
+
+COST_SCALE = 10**10          # units per USD
+PRICE_SCALE = COST_SCALE // 10**6  # units per token for a price of 1 USD per 1M tokens
+
+
+def price_units(usd_per_1m: float) -> int:
+    """A price in USD per 1M tokens as integer units per token (exact to 1e-4 USD per 1M)."""
+    return round(usd_per_1m * PRICE_SCALE)
+
+
+def usd(units: int | float) -> float:
+    return units / COST_SCALE
+
+
+def tag(tenant: str) -> str:
+    return "{tg:" + tenant.replace("}", "_") + "}"
+
+
+@dataclass(frozen=True)
+class Admission:
+    ok: bool
+    kind: str                        # ok | dup | rate | budget
+    detail: str = ""                 # rpm | tpm | daily | monthly | the dup's state
+    left_units: int | None = None    # budget left (the limiting period when rejected)
+    retry_after_s: float = 0.0
+    used_fraction: float = 0.0       # of the tightest budget, after this reservation
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One request's usage, as it is settled and written to the ledger."""
+
+    tier: str
+    instance: str
+    route: str
+    status: int
+    prompt: int
+    cached: int
+    completion: int
+    cost: int            # units
+    base: int            # what it would have cost on the baseline tier (units)
+    nocache: int         # what it would have cost with no cache hits (units)
+    latency_ms: float
+    ttft_ms: float | None
+    slo_met: bool | None
+    at_ms: int           # wall-clock time of the request (bills orphans in the right period)
+    source: str = "backend"   # backend usage, or "counted" from the stream
+
+    def fields(self) -> list[str]:
+        slo = "" if self.slo_met is None else ("1" if self.slo_met else "0")
+        return ["tier", self.tier, "instance", self.instance, "route", self.route, "status", str(self.status),
+                "prompt", str(self.prompt), "cached", str(self.cached), "completion", str(self.completion),
+                "base", str(self.base), "nocache", str(self.nocache), "latency_ms", f"{self.latency_ms:.1f}",
+                "ttft_ms", "" if self.ttft_ms is None else f"{self.ttft_ms:.1f}", "slo", slo,
+                "slo_met", "1" if self.slo_met else "0", "slo_n", "0" if self.slo_met is None else "1",
+                "source", self.source]
+
+
+class BudgetStore:
+    def __init__(self, redis: aioredis.Redis, *, clock_ms: Callable[[], int] | None = None,
+                 keep_s: float = 7 * 86400, ledger_maxlen: int = 1_000_000) -> None:
+        self.redis = redis
+        self.clock_ms = clock_ms          # None: Redis TIME
+        self.keep_ms = int(keep_s * 1000)  # how long a settled id stays known (idempotent replays)
+        self.ledger_maxlen = ledger_maxlen
+        self._admit: Any = redis.register_script(budget_lua.ADMIT)
+        self._settle: Any = redis.register_script(budget_lua.SETTLE)
+        self._sweep: Any = redis.register_script(budget_lua.SWEEP)
+        self._status: Any = redis.register_script(budget_lua.STATUS)
+
+    def _now(self) -> str:
+        return "" if self.clock_ms is None else str(self.clock_ms())
+
+    @staticmethod
+    def _keys(tenant: str, rid: str, *names: str) -> list[str]:
+        t = tag(tenant)
+        return [f"{t}:q:{rid}" if n == "q" else f"{t}:{n}" for n in names]
+
+    async def admit(self, tenant: str, rid: str, *, rpm: int | None, tpm: int | None, tokens: int,
+                    reserve: int, daily: int | None, monthly: int | None, ttl_s: float) -> Admission:
+        res = await self._admit(keys=self._keys(tenant, rid, "q", "w", "b", "open"), args=[
+            self._now(), rid, rpm or 0, tpm or 0, tokens, reserve, -1 if daily is None else daily,
+            -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms])
+        kind = _s(res[0])
+        if kind == "ok":
+            dl, ml, du, mu = (int(_s(x)) for x in res[1:5])
+            fr = max([du / daily if daily else (1.0 if daily == 0 else 0.0),
+                      mu / monthly if monthly else (1.0 if monthly == 0 else 0.0)])
+            left = min([x for x, lim in ((dl, daily), (ml, monthly)) if lim is not None], default=None)
+            return Admission(True, "ok", left_units=left, used_fraction=fr)
+        if kind == "dup":
+            return Admission(True, "dup", _s(res[1]))
+        if kind == "rate":
+            return Admission(False, "rate", _s(res[1]), retry_after_s=int(res[2]) / 1000)
+        return Admission(False, "budget", _s(res[1]), left_units=max(0, int(_s(res[2]))),
+                         retry_after_s=float(res[3]))
+
+    async def settle(self, tenant: str, rid: str, usage: Usage) -> str:
+        """-> open | expired | orphan (how it was settled), or dup when it already was."""
+        res = await self._settle(keys=self._keys(tenant, rid, "q", "w", "b", "open", "usage", "agg"), args=[
+            self._now(), rid, usage.cost, usage.prompt + usage.completion, self.keep_ms, self.ledger_maxlen,
+            usage.at_ms, *usage.fields()])
+        return _s(res[1]) if _s(res[0]) == "settled" else "dup"
+
+    async def sweep(self, tenant: str, limit: int = 500) -> int:
+        return int(await self._sweep(keys=self._keys(tenant, "", "b", "open"),
+                                     args=[self._now(), f"{tag(tenant)}:q:", limit]))
+
+    async def status(self, tenant: str) -> dict[str, Any]:
+        r = await self._status(keys=self._keys(tenant, "", "b"), args=[self._now()])
+        return {"day": _s(r[0]), "month": _s(r[1]), "spent_day": int(_s(r[2])), "reserved_day": int(_s(r[3])),
+                "spent_month": int(_s(r[4])), "reserved_month": int(_s(r[5]))}
+
+    async def aggregates(self, tenant: str) -> dict[str, int]:
+        raw = await cast("Awaitable[dict[Any, Any]]", self.redis.hgetall(f"{tag(tenant)}:agg"))  # redis-py 7 types
+        return {_s(k): int(v) for k, v in raw.items()}
+
+    async def ledger(self, tenant: str, count: int = 1000, after: str = "-") -> list[tuple[str, dict[str, str]]]:
+        rows: Any = await self.redis.xrange(f"{tag(tenant)}:usage", min=after, max="+", count=count)
+        return [(_s(i), {_s(k): _s(v) for k, v in f.items()}) for i, f in rows]
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)

@@ -1,0 +1,123 @@
+"""Share every replica's per-instance load through Redis, so all replicas route on the same counts.
+
+Each router replica keeps exact local counts at dispatch and completion (in flight,
+requests still waiting for their first token, and their uncached prompt tokens).
+Every `interval_s` (default 50 ms) one EVALSHA
+
+* writes this replica's non-zero counts into the hash `tiergate:load`, field = replica
+  id, value = `<redis ms>|<json>` (Redis' TIME, so replicas share one clock);
+* drops fields older than `stale_ms` (a crashed replica's load vanishes by itself);
+* returns every other live replica's counts.
+
+The sum of the peers' counts lands in `InstanceState.peer_*`, and `Registry.candidates`
+adds it to the local counts the policies see (`bounded_load`, `load`, `slo_feasible`).
+
+Staleness: a peer's dispatches become visible within one interval plus a round trip.
+Failure mode: fails open to local counts. Each sync has a short timeout; on failure the
+last peer counts are kept until they are `stale_ms` old, then dropped, and the
+failure is counted (`tiergate_load_sync_total{result}`). A sync never blocks a request:
+it runs in its own lifespan-owned task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import msgspec
+import redis.asyncio as aioredis
+
+from backends.registry import Registry
+
+KEY = "tiergate:load"
+
+_SYNC = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stale = tonumber(ARGV[3])
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else
+  redis.call('HSET', KEYS[1], ARGV[1], now .. '|' .. ARGV[2]) end
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local bar = string.find(v, '|', 1, true)
+  local at = tonumber(string.sub(v, 1, bar - 1))
+  if now - at > stale then redis.call('HDEL', KEYS[1], all[i])
+  elseif all[i] ~= ARGV[1] then out[#out + 1] = string.sub(v, bar + 1) end
+end
+redis.call('PEXPIRE', KEYS[1], stale * 10)
+return out
+"""
+
+_dec = msgspec.json.Decoder(dict[str, tuple[int, int, int]])
+_enc = msgspec.json.Encoder()
+
+
+class LoadSync:
+    def __init__(self, redis: aioredis.Redis, registry: Registry, replica_id: str, *, interval_s: float = 0.05,
+                 timeout_s: float = 0.05, stale_s: float = 2.0,
+                 on_result: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.redis = redis
+        self.registry = registry
+        self.replica_id = replica_id
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.stale_s = stale_s
+        self.on_result = on_result or (lambda _r: None)
+        self.clock = clock
+        self.last_ok: float | None = None
+        self._script: Any = redis.register_script(_SYNC)
+
+    def local_counts(self) -> bytes:
+        counts = {f"{i.tier}/{i.instance_id}": (i.in_flight, i.pending_requests, i.pending_tokens)
+                  for i in self.registry.all_instances() if i.in_flight or i.pending_requests or i.pending_tokens}
+        return _enc.encode(counts) if counts else b"{}"
+
+    def apply(self, peers: list[bytes]) -> None:
+        """Sum the peers' counts into each instance's `peer_*` fields (zero where no peer has load)."""
+        total: dict[str, list[int]] = {}
+        for raw in peers:
+            try:
+                counts = _dec.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            for key, (fl, pr, pt) in counts.items():
+                acc = total.setdefault(key, [0, 0, 0])
+                acc[0] += fl
+                acc[1] += pr
+                acc[2] += pt
+        for inst in self.registry.all_instances():
+            fl, pr, pt = total.get(f"{inst.tier}/{inst.instance_id}", (0, 0, 0))
+            inst.peer_in_flight, inst.peer_pending_requests, inst.peer_pending_tokens = fl, pr, pt
+
+    async def sync_once(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
+                peers = await self._script(
+                    keys=[KEY], args=[self.replica_id, self.local_counts(), int(self.stale_s * 1000)])
+        except Exception:  # fail open to local counts; old peer counts age out below
+            self.on_result("error")
+            if self.last_ok is not None and self.clock() - self.last_ok > self.stale_s:
+                self.apply([])
+                self.last_ok = None
+            return False
+        self.apply(list(peers))
+        self.last_ok = self.clock()
+        self.on_result("ok")
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await self.sync_once()
+            await asyncio.sleep(self.interval_s)
+
+    async def leave(self) -> None:
+        """Remove this replica's counts at shutdown (a crash leaves them to expire after `stale_s`)."""
+        try:
+            async with asyncio.timeout(max(self.timeout_s, 0.2)):
+                await cast("Awaitable[int]", self.redis.hdel(KEY, self.replica_id))  # redis-py 7 types
+        except Exception:
+            pass
