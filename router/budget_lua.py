@@ -56,9 +56,25 @@ local function periods(ms)  -- day id, month id, hour id, seconds to day end, se
 end
 local function num(v) return tonumber(v) or 0 end
 local function fmt(x) if x == 0 then return '0' end return string.format('%.0f', x) end
+-- release reservations whose TTL has passed (a crashed router's); q keys share the tenant's slot
+local function release_expired(b, open, prefix, now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', open, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local q = prefix .. id
+    if redis.call('HGET', q, 'st') == 'open' then
+      local res = num(redis.call('HGET', q, 'res'))
+      redis.call('HINCRBY', b, 'rd:' .. redis.call('HGET', q, 'd'), fmt(-res))
+      redis.call('HINCRBY', b, 'rm:' .. redis.call('HGET', q, 'm'), fmt(-res))
+      redis.call('HSET', q, 'st', 'expired')
+    end
+    redis.call('ZREM', open, id)
+  end
+  return #ids
+end
 """
 
-# KEYS: q, w, b, open. ARGV: now, id, rpm, tpm, tokens, reserve, day_limit, month_limit, ttl_ms, keep_ms
+# KEYS: q, w, b, open. ARGV: now, id, rpm, tpm, tokens, reserve, day_limit, month_limit, ttl_ms, keep_ms,
+#   tenant prefix ('{tg:<tenant>}:q:'): expired reservations are released first, so none causes a false 429
 # -> {'ok', day_left, month_left, day_spent_or_reserved, month_spent_or_reserved}
 #  | {'dup', state}
 #  | {'rate', 'rpm'|'tpm', retry_ms}
@@ -79,6 +95,7 @@ end
 local retry = 60000 - now % 60000
 if rpm > 0 and window('r') + 1 > rpm then return {'rate', 'rpm', retry} end
 if tpm > 0 and window('t') + tokens > tpm then return {'rate', 'tpm', retry} end
+release_expired(KEYS[3], KEYS[4], ARGV[11], now, 100)
 local day, mon, _, day_left_s, mon_left_s = periods(now)
 local dused = num(redis.call('HGET', KEYS[3], 'sd:' .. day)) + num(redis.call('HGET', KEYS[3], 'rd:' .. day))
 local mused = num(redis.call('HGET', KEYS[3], 'sm:' .. mon)) + num(redis.call('HGET', KEYS[3], 'rm:' .. mon))
@@ -150,19 +167,7 @@ return {'settled', how}
 
 # KEYS: b, open; ARGV: now, tenant prefix ('{tg:<tenant>}:q:'), limit -> number released
 SWEEP = _COMMON + """
-local now = now_ms(ARGV[1])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, num(ARGV[3]))
-for _, id in ipairs(ids) do
-  local q = ARGV[2] .. id
-  if redis.call('HGET', q, 'st') == 'open' then
-    local res = num(redis.call('HGET', q, 'res'))
-    redis.call('HINCRBY', KEYS[1], 'rd:' .. redis.call('HGET', q, 'd'), fmt(-res))
-    redis.call('HINCRBY', KEYS[1], 'rm:' .. redis.call('HGET', q, 'm'), fmt(-res))
-    redis.call('HSET', q, 'st', 'expired')
-  end
-  redis.call('ZREM', KEYS[2], id)
-end
-return #ids
+return release_expired(KEYS[1], KEYS[2], ARGV[2], now_ms(ARGV[1]), num(ARGV[3]))
 """
 
 # KEYS: b; ARGV: now -> {day, month, spent_day, reserved_day, spent_month, reserved_month}

@@ -106,7 +106,7 @@ class BudgetStore:
                     reserve: int, daily: int | None, monthly: int | None, ttl_s: float) -> Admission:
         res = await self._admit(keys=self._keys(tenant, rid, "q", "w", "b", "open"), args=[
             self._now(), rid, rpm or 0, tpm or 0, tokens, reserve, -1 if daily is None else daily,
-            -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms])
+            -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms, f"{tag(tenant)}:q:"])
         kind = _s(res[0])
         if kind == "ok":
             dl, ml, du, mu = (int(_s(x)) for x in res[1:5])

@@ -129,6 +129,22 @@ async def test_sweeper_releases_leaked_reservations_and_a_late_settle_bills_once
     assert (st["spent_day"], st["reserved_day"]) == (700, 5000)
 
 
+async def test_admission_itself_releases_expired_reservations(redis: aioredis.Redis) -> None:
+    """No false 429 between a reservation's TTL and the next sweep: admit releases what has expired."""
+    now = [T0]
+    store = BudgetStore(redis, clock_ms=lambda: now[0])
+    t = tenant()
+    assert (await admit(store, t, "dead", 5000, daily=6000, ttl_s=10)).ok  # type: ignore[attr-defined]
+    now[0] += 9_999
+    assert not (await admit(store, t, "early", 5000, daily=6000)).ok     # type: ignore[attr-defined]
+    now[0] += 2
+    assert (await admit(store, t, "after", 5000, daily=6000)).ok         # type: ignore[attr-defined]
+    assert await store.sweep(t) == 0                                      # nothing left for the sweeper
+    assert (await store.status(t))["reserved_day"] == 5000
+    assert await store.settle(t, "dead", usage(700)) == "expired"         # a late settle still bills once
+    assert (await store.status(t))["spent_day"] == 700
+
+
 async def test_orphan_settlement_bills_at_the_request_time(redis: aioredis.Redis) -> None:
     store = BudgetStore(redis, clock_ms=lambda: T0)
     t = tenant()
