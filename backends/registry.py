@@ -78,14 +78,35 @@ class Registry:
                  clock: Clock = time.monotonic, outlier: OutlierConfig | None = None) -> None:
         self.clock = clock
         self.outlier = outlier or OutlierConfig()
+        self.urls = dict(urls or {})                     # instances started for simulated tiers
         self.tiers: dict[str, TierRuntime] = {}
         self.route_output_tokens: dict[str, Ewma] = {}   # per virtual model: real completion lengths
+        self.apply(policy)
+
+    def apply(self, policy: Policy) -> None:
+        """Adopt a (re)loaded policy. Tiers and instances are matched by name and by id and URL: a kept one
+        keeps its health, ejections, load and learned EWMAs; a removed one is dropped here while requests
+        already on it finish. Synchronous, so no request sees half of it."""
+        tiers: dict[str, TierRuntime] = {}
         for name, spec in policy.tiers.items():
-            specs = list(spec.instances) or (urls or {}).get(name, [])
-            self.tiers[name] = rt = TierRuntime(name, spec, [
-                InstanceState(name, i.id, i.url.rstrip("/"), kv_events=i.kv_events,
-                              kv_capacity_blocks=i.kv_capacity_blocks) for i in specs])
-            rt.prefill_tps.value = spec.prefill_tokens_per_s
+            old = self.tiers.get(name)
+            kept = {(i.instance_id, i.url): i for i in old.instances} if old is not None else {}
+            insts = []
+            for i in list(spec.instances) or self.urls.get(name, []):
+                cur = kept.get((i.id, i.url.rstrip("/")))
+                if cur is None:
+                    cur = InstanceState(name, i.id, i.url.rstrip("/"))
+                cur.kv_events, cur.kv_capacity_blocks = i.kv_events, i.kv_capacity_blocks
+                insts.append(cur)
+            if old is None:
+                rt = TierRuntime(name, spec, insts)
+                rt.prefill_tps.value = spec.prefill_tokens_per_s
+            else:
+                rt, rt.spec, rt.instances = old, spec, insts
+                if rt.prefill_tps.samples == 0:
+                    rt.prefill_tps.value = spec.prefill_tokens_per_s
+            tiers[name] = rt
+        self.tiers = tiers
 
     def candidates(self, tiers: tuple[str, ...], cached: dict[str, int] | None = None) -> list[Candidate]:
         """A snapshot of every instance of `tiers`; `cached`: expected cached tokens by candidate key."""

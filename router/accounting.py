@@ -78,8 +78,10 @@ class Accountant:
         return any(v is not None for v in (spec.limits.rpm, spec.limits.tpm, spec.budgets.daily_usd,
                                             spec.budgets.monthly_usd))
 
-    async def admit(self, tenant: str, rid: str, tokens: int, reserve: int) -> None:
-        spec = self.policy.tenants[tenant]
+    async def admit(self, tenant: str, rid: str, tokens: int, reserve: int, policy: Policy | None = None) -> None:
+        """`policy`: the one the request started under (a reload may have swapped `self.policy` since)."""
+        pol = policy or self.policy
+        spec = pol.tenants[tenant]
         if not self.limited(spec):
             return
         b = spec.budgets
@@ -91,16 +93,17 @@ class Accountant:
             async with asyncio.timeout(self.timeout_s):
                 adm = await self.store.admit(
                     tenant, rid, rpm=spec.limits.rpm, tpm=spec.limits.tpm, tokens=tokens, reserve=reserve,
-                    daily=daily, monthly=monthly, ttl_s=self.policy.accounting.reservation_ttl_s)
+                    daily=daily, monthly=monthly, ttl_s=pol.accounting.reservation_ttl_s)
         except Exception as exc:
             self._store_failed(exc)
             self._admit_without_store(tenant, spec, tokens, reserve, daily, monthly)
             return
         self.store_ok = True
         self.shares.pop(tenant, None)
-        self._admitted(tenant, adm, daily, monthly)
+        self._admitted(tenant, spec, adm, daily, monthly)
 
-    def _admitted(self, tenant: str, adm: Admission, daily: int | None, monthly: int | None) -> None:
+    def _admitted(self, tenant: str, spec: TenantSpec, adm: Admission, daily: int | None,
+                  monthly: int | None) -> None:
         if adm.ok:
             if adm.kind == "ok":
                 self.used[tenant] = adm.used_fraction
@@ -113,7 +116,7 @@ class Accountant:
         retry = max(1, int(adm.retry_after_s + 0.999))
         if adm.kind == "rate":
             self.metrics.child(self.metrics.admissions, tenant, "rate_limited").inc()
-            limit = self.policy.tenants[tenant].limits
+            limit = spec.limits
             value = limit.rpm if adm.detail == "rpm" else limit.tpm
             what = "requests" if adm.detail == "rpm" else "tokens"
             raise ApiError(429, f"rate limit exceeded: {value} {what} per minute for this key ({adm.detail})",

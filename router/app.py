@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from router.errors import ApiError, error_body
 from router.gateway import Gateway
 from router.journal import Journal
 from router.kv_events import InstanceIndexer, KVEventSubscriber
+from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
 from router.logs import get_logger
 from router.metrics import RouterMetrics
@@ -49,8 +49,9 @@ def make_redis(url: str, timeout_s: float) -> aioredis.Redis:
 
 
 def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
-                   metrics: RouterMetrics) -> list[KVEventSubscriber]:
-    subs = []
+                   metrics: RouterMetrics) -> dict[tuple[str, str, str], KVEventSubscriber]:
+    """One subscriber per instance that publishes KV events, keyed by (tier, instance, endpoint)."""
+    subs = {}
     for inst in registry.all_instances():
         tier = policy.tiers[inst.tier]
         if inst.kv_events is None or not tier.affinity.enabled:
@@ -58,19 +59,20 @@ def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
         aff = tier.affinity
         indexer = InstanceIndexer(tier_seed(inst.tier, tier.model, tier.block_size), tier.block_size,
                                   aff.dense_blocks, aff.max_blocks, registry.capacity_blocks(inst))
-        subs.append(KVEventSubscriber(
+        subs[(inst.tier, inst.instance_id, inst.kv_events)] = KVEventSubscriber(
             inst.kv_events, inst.tier, inst.instance_id, indexer, store, aff.ttl_s,
             capacity=lambda i=inst: registry.capacity_blocks(i),  # type: ignore[misc]
-            on_event=lambda kind, i=inst: metrics.child(metrics.kv_events, i.tier, i.instance_id, kind).inc()))  # type: ignore[misc]
+            on_event=lambda kind, i=inst: metrics.child(metrics.kv_events, i.tier, i.instance_id, kind).inc())  # type: ignore[misc]
     return subs
 
 
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
                redis: aioredis.Redis | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
-               tokenizers: TokenizerCache | None = None) -> Litestar:
+               tokenizers: TokenizerCache | None = None, watch_policy: bool | None = None) -> Litestar:
+    """`watch_policy`: hot-reload `settings.policy_path` (default: when the policy is loaded from it here)."""
     log = get_logger("tiergate")
+    watch = policy is None if watch_policy is None else watch_policy
     policy = policy or load_policy(settings.policy_path)
-    policy_version = hashlib.sha256(msgspec.json.encode(policy)).hexdigest()[:16]
     registry = Registry(policy, instance_urls)
     client = upstream or make_client(settings.http_client, ClientLimits(
         connect_timeout_s=settings.upstream_connect_timeout_s, read_timeout_s=settings.upstream_read_timeout_s))
@@ -93,17 +95,54 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     accountant = Accountant(policy, BudgetStore(store, ledger_maxlen=policy.accounting.ledger_maxlen)
                             if store is not None else None, journal, metrics,
                             timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
-    gw = Gateway(policy, registry, client, metrics, tokenizers or TokenizerCache(), executor,
+    tokenizers = tokenizers or TokenizerCache()
+    gw = Gateway(policy, registry, client, metrics, tokenizers, executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
                  affinity_store=aff_store, accountant=accountant)
     state: dict[str, Any] = {"redis_ok": False}
+    kv_tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+
+    def sync_kv_subscribers() -> None:
+        """Start subscribers for instances that publish KV events, stop those of instances no longer listed."""
+        if aff_store is None:
+            return
+        want = kv_subscribers(gw.policy, registry, aff_store, metrics)
+        for key in [k for k in kv_tasks if k not in want]:
+            kv_tasks.pop(key).cancel()
+        for key, sub in want.items():
+            if key not in kv_tasks:
+                kv_tasks[key] = asyncio.create_task(sub.run(), name=f"kv-events-{sub.tier}-{sub.instance}")
+
+    def apply_policy(view: PolicyView) -> None:
+        """Swap a validated policy in, in one synchronous step (requests already running keep theirs)."""
+        old = gw.view.version
+        gw.view = view
+        registry.apply(view.policy)
+        accountant.policy = view.policy
+        if accountant.store is not None:
+            accountant.store.ledger_maxlen = view.policy.accounting.ledger_maxlen
+        with contextlib.suppress(KeyError):
+            metrics.policy_info.remove(old)
+        metrics.policy_info.labels(view.version).set(1)
+        sync_kv_subscribers()
+        if store is not None:
+            task = asyncio.create_task(_note_version(store, view.version))
+            state.setdefault("notes", set()).add(task)
+            task.add_done_callback(state["notes"].discard)
+
+    reloader = PolicyReloader(
+        Path(settings.policy_path), lambda: gw.view,
+        lambda p: build_view(p, registry, tokenizers, executor, aff_store), apply_policy, executor,
+        interval_s=settings.policy_reload_interval_s, simulated=frozenset(registry.urls),
+        on_result=lambda result: metrics.child(metrics.policy_reloads, result).inc())
+    metrics.policy_info.labels(gw.view.version).set(1)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
         await probe_once(client, registry)
         if store is not None:
             try:
-                await store.set("tiergate:policy:version", policy_version)
+                await store.set("tiergate:policy:version", gw.view.version)
                 state["redis_ok"] = True
             except Exception as exc:  # fail open: v1 keeps no request state in Redis
                 log.warning("redis_unavailable", error=type(exc).__name__)
@@ -112,14 +151,17 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         tasks.append(asyncio.create_task(accountant.background(), name="accounting"))
         if load_sync is not None:
             tasks.append(asyncio.create_task(load_sync.run(), name="load-sync"))
-        if aff_store is not None:
-            for sub in kv_subscribers(policy, registry, aff_store, metrics):
-                tasks.append(asyncio.create_task(sub.run(), name=f"kv-events-{sub.tier}-{sub.instance}"))
-        log.info("started", policy=settings.policy_path, policy_version=policy_version,
+        sync_kv_subscribers()
+        if watch:
+            reloader.remember()
+            if settings.policy_reload_interval_s > 0:
+                tasks.append(asyncio.create_task(reloader.run(), name="policy-reload"))
+        log.info("started", policy=settings.policy_path, policy_version=gw.view.version, policy_watch=watch,
                  tiers={t: len(r.instances) for t, r in registry.tiers.items()}, http_client=client.name)
         try:
             yield
         finally:
+            tasks.extend(kv_tasks.values())
             for task in tasks:
                 task.cancel()
             _, stuck = await asyncio.wait(tasks, timeout=5)  # bounded: a task that ignores its cancel can't hang us
@@ -175,7 +217,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         except ApiError as exc:
             return render(exc.status, exc.body())
         data = []
-        for name in gw.allowed_models(tenant):
+        policy = gw.policy
+        for name in gw.allowed_models(tenant, policy):
             route = policy.routes[name]
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "tiergate",
                          "tiers": [{"name": t, "model": policy.tiers[t].model,
@@ -192,7 +235,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         reachable = {t: sum(1 for i in rt.instances if i.serving(registry.clock()))
                      for t, rt in registry.tiers.items()}
         ok = any(reachable.values())
-        body = {"ready": ok, "policy_version": policy_version, "reachable_instances": reachable,
+        body = {"ready": ok, "policy_version": gw.view.version, "reachable_instances": reachable,
                 "redis": state["redis_ok"] if store is not None else None}
         return render(200 if ok else 503, _enc.encode(body))
 
@@ -202,6 +245,22 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             metrics.in_flight.labels(inst.tier, inst.instance_id).set(inst.in_flight)
             metrics.healthy.labels(inst.tier, inst.instance_id).set(1 if inst.serving(registry.clock()) else 0)
         return Response(content=metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @post("/admin/policy/reload", status_code=200, summary="Reload the policy file now (admin key)")
+    async def reload_policy(request: Request[Any, Any, Any]) -> Response[bytes]:
+        auth = request.headers.get("authorization")
+        if not gw.view.keys.is_admin(auth):
+            status, msg = (403, "this endpoint needs an admin key") if gw.view.keys.tenant_for(auth) else \
+                (401, "missing or invalid admin key")
+            return render(status, error_body(status, msg, code="admin_only" if status == 403 else "invalid_api_key"))
+        if not watch:
+            return render(409, error_body(409, "this router was given its policy in code, not read from a file; "
+                                          "there is nothing to reload", code="no_policy_file"))
+        result = await reloader.check()
+        if result.result == "invalid":
+            return render(422, error_body(422, f"policy not reloaded, the running one stays: {result.error}",
+                                          code="invalid_policy"))
+        return render(200, msgspec.json.encode(result))
 
     def http_error(_r: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
         status = exc.status_code
@@ -214,10 +273,19 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         return render(500, error_body(500, "internal error", code="internal_error"))
 
     return Litestar(
-        route_handlers=[chat, completions, models, health, ready, prom, *usage_handlers(policy, accountant)],
+        route_handlers=[chat, completions, models, health, ready, prom, reload_policy,
+                        *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant)],
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="tiergate", version="0.1.0", path="/schema"),
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
+
+
+async def _note_version(store: aioredis.Redis, version: str) -> None:
+    try:
+        async with asyncio.timeout(1.0):
+            await store.set("tiergate:policy:version", version)
+    except Exception:  # informational only
+        pass

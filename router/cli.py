@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.redis_url is None:
             settings.redis_url = stack.start_valkey()
         urls = stack.start_sims(policy, settings.host if settings.host != "0.0.0.0" else "127.0.0.1")
-        app = create_app(settings, policy=policy, instance_urls=urls)
+        app = create_app(settings, policy=policy, instance_urls=urls, watch_policy=True)
         get_logger("tiergate").info("listening", url=f"http://{settings.host}:{settings.port}",
                                     redis="embedded" if stack.valkey else "external",
                                     simulated_tiers=sorted(urls))

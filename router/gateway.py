@@ -17,18 +17,15 @@ import msgspec
 from backends.http_client import UpstreamClient
 from backends.registry import Ewma, Registry
 from backends.tokenization import TokenizerCache
-from policies.engine import build_profiles
 from policies.schema import Policy
 from policies.types import RoutingDecision, RoutingRequest
-from router.accounting import Accountant, baseline_tier, cost_units
-from router.affinity import Affinity
+from router.accounting import Accountant, cost_units
 from router.affinity_store import AffinityStore
-from router.auth import KeyIndex
 from router.budget_store import Usage, usd
 from router.errors import ApiError
+from router.live_policy import PolicyView, build_view
 from router.logs import get_logger
 from router.metrics import RouterMetrics
-from router.prompts import PromptTokenizer
 from router.proxy import Forwarder, Outcome
 from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
 from router.slo import resolve_slo
@@ -69,38 +66,40 @@ class Gateway:
                  tokenizers: TokenizerCache, executor: Any, *, max_attempts: int = 3,
                  expose_decision: bool = False, affinity_store: AffinityStore | None = None,
                  accountant: Accountant | None = None) -> None:
-        self.policy = policy
         self.registry = registry
         self.metrics = metrics
-        self.profiles = build_profiles(policy)
-        self.keys = KeyIndex(policy)
-        self.prompts = PromptTokenizer(policy, tokenizers, executor)
-        self.affinity = Affinity(policy, registry, affinity_store, executor)
+        self.view = build_view(policy, registry, tokenizers, executor, affinity_store)  # swapped on reload
         self.expose_decision = expose_decision
         self.accountant = accountant
-        self.baseline = baseline_tier(policy)
         self.log = get_logger("tiergate.request")
         self.forwarder = Forwarder(client, registry, max_attempts,
                                    lambda tier, why: metrics.retries.labels(tier, why).inc())
 
-    def tenant(self, authorization: str | None) -> str:
-        tenant = self.keys.tenant_for(authorization)
+    @property
+    def policy(self) -> Policy:
+        return self.view.policy
+
+    def tenant(self, authorization: str | None, view: PolicyView | None = None) -> str:
+        tenant = (view or self.view).keys.tenant_for(authorization)
         if tenant is None:
             msg = "missing API key: send 'Authorization: Bearer <key>'" if not authorization else \
                 "invalid API key"
             raise ApiError(401, msg, code="invalid_api_key")
         return tenant
 
-    def allowed_models(self, tenant: str) -> list[str]:
-        spec = self.policy.tenants[tenant]
-        return [m for m in self.policy.routes if "*" in spec.allowed_models or m in spec.allowed_models]
+    def allowed_models(self, tenant: str, policy: Policy | None = None) -> list[str]:
+        pol = policy or self.policy
+        spec = pol.tenants[tenant]
+        return [m for m in pol.routes if "*" in spec.allowed_models or m in spec.allowed_models]
 
     async def handle(self, kind: str, raw: bytes, authorization: str | None,
                      request_id: str | None = None, headers: Mapping[str, str] | None = None) -> Reply:
         t0 = time.perf_counter()
         rid = request_id or uuid.uuid4().hex
-        tenant = self.tenant(authorization)
-        slo_class, ttft_target, tpot_target = resolve_slo(self.policy, tenant, headers or {})
+        v = self.view                       # this request's policy, whatever a reload does meanwhile
+        pol = v.policy
+        tenant = self.tenant(authorization, v)
+        slo_class, ttft_target, tpot_target = resolve_slo(pol, tenant, headers or {})
         try:
             body = _decode_any.decode(raw)
         except msgspec.DecodeError as exc:
@@ -120,11 +119,11 @@ class Gateway:
             param = _param_from_path(str(exc))
             raise ApiError(400, f"invalid field '{param}': {str(exc).split(' - at ')[0]}", param=param,
                            code="invalid_value") from None
-        route = self.policy.routes.get(req.model)
+        route = pol.routes.get(req.model)
         if route is None:
             raise ApiError(404, f"The model '{req.model}' does not exist. Known models: "
-                           f"{', '.join(self.allowed_models(tenant))}", param="model", code="model_not_found")
-        spec = self.policy.tenants[tenant]
+                           f"{', '.join(self.allowed_models(tenant, pol))}", param="model", code="model_not_found")
+        spec = pol.tenants[tenant]
         if "*" not in spec.allowed_models and req.model not in spec.allowed_models:
             raise ApiError(403, f"this key may not use model '{req.model}'", param="model",
                            code="model_not_allowed")
@@ -143,34 +142,34 @@ class Gateway:
             if not req.messages:
                 raise ApiError(400, "'messages' must contain at least one message", param="messages",
                                code="invalid_value")
-            ids = await self.prompts.chat_ids(tiers, req, body)
+            ids = await v.prompts.chat_ids(tiers, req, body)
         else:
-            ids = await self.prompts.completion_ids(tiers, req)
+            ids = await v.prompts.completion_ids(tiers, req)
         counts = {t: len(v) for t, v in ids.items()}
-        hashes = await self.affinity.hashes(tiers, ids)
-        cached, aff_status = await self.affinity.lookup(hashes)
+        hashes = await v.affinity.hashes(tiers, ids)
+        cached, aff_status = await v.affinity.lookup(hashes)
         rreq = RoutingRequest(request_id=rid, tenant=tenant, virtual_model=req.model, route_tiers=tiers,
                               tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
-                              default_completion_tokens=self.policy.defaults.completion_tokens,
+                              default_completion_tokens=pol.defaults.completion_tokens,
                               slo_class=slo_class, ttft_target_s=ttft_target, tpot_target_s=tpot_target,
                               expected_output_tokens=self._expected_output(req.model),
-                              degrade_tiers=self._degrade(tenant))
-        decision = self.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))
+                              degrade_tiers=self._degrade(pol, tenant))
+        decision = v.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))
         if decision.chosen is None:
-            raise self._no_candidate(rreq, decision)
+            raise self._no_candidate(pol, rreq, decision)
         aid = uuid.uuid4().hex  # the accounting id: admission, settlement and the ledger record
         if self.accountant is not None:
             tiers_tried = {c.tier for c in decision.ranked[: self.forwarder.max_attempts]}
-            budget = limit if limit is not None else self.policy.defaults.completion_tokens
-            reserve = max(cost_units(self.policy.tiers[t], counts[t], 0, budget) for t in tiers_tried)
-            await self.accountant.admit(tenant, aid, max(counts[t] for t in tiers_tried) + budget, reserve)
+            budget = limit if limit is not None else pol.defaults.completion_tokens
+            reserve = max(cost_units(pol.tiers[t], counts[t], 0, budget) for t in tiers_tried)
+            await self.accountant.admit(tenant, aid, max(counts[t] for t in tiers_tried) + budget, reserve, pol)
         client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         bodies: dict[str, bytes] = {}
 
         def body_for(tier: str) -> bytes:
             b = bodies.get(tier)
             if b is None:
-                b = bodies[tier] = forward_body(body, self.policy.tiers[tier].model, req.stream)
+                b = bodies[tier] = forward_body(body, pol.tiers[tier].model, req.stream)
             return b
 
         out = Outcome(keep_chunk_usage=bool(client_wants_usage and req.stream_options
@@ -183,7 +182,7 @@ class Gateway:
 
         def done() -> None:
             closed[0] = True
-            self._close_out(rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status, rreq,
+            self._close_out(v, rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status, rreq,
                             aid, wall_ms)
 
         try:
@@ -196,16 +195,16 @@ class Gateway:
                 done()
             raise
         if out.tier is not None and out.instance is not None and up.status == 200:
-            self.affinity.record(out.tier, out.instance, hashes)
+            v.affinity.record(out.tier, out.instance, hashes)
         headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "", "x-tiergate-instance": out.instance or "",
                    "x-tiergate-overhead-ms": f"{overhead * 1000:.3f}"}
         if self.expose_decision:
             headers["x-tiergate-decision"] = _encode.encode(decision.summary()).decode()
         return Reply(up.status, headers, up.body, up.stream)
 
-    def _no_candidate(self, rreq: RoutingRequest, decision: RoutingDecision) -> ApiError:
+    def _no_candidate(self, pol: Policy, rreq: RoutingRequest, decision: RoutingDecision) -> ApiError:
         if decision.rejected and all(v == "context_fits" for v in decision.rejected.values()):
-            largest = max(self.policy.tiers[t].max_model_len for t in rreq.route_tiers)
+            largest = max(pol.tiers[t].max_model_len for t in rreq.route_tiers)
             prompt = max(rreq.prompt_tokens.values())
             budget = rreq.max_tokens if rreq.max_tokens is not None else 0
             need = f"{prompt} prompt tokens" + (f" + {budget} max_tokens" if budget else "")
@@ -219,8 +218,8 @@ class Gateway:
         return ApiError(503, "no backend instance is available for this model", code="no_backend",
                         headers={"Retry-After": "1"})
 
-    def _degrade(self, tenant: str) -> frozenset[str] | None:
-        spec = self.policy.tenants[tenant].degrade
+    def _degrade(self, pol: Policy, tenant: str) -> frozenset[str] | None:
+        spec = pol.tenants[tenant].degrade
         if spec is None or self.accountant is None or not spec.tiers:
             return None
         used = self.accountant.used.get(tenant, 0.0)
@@ -238,8 +237,8 @@ class Gateway:
         if backlog == 0 and uncached >= 256 and ttft_s > 0:  # an idle instance: TTFT is prefill time
             rt.prefill_tps.add(uncached / ttft_s)
 
-    def _close_out(self, rid: str, tenant: str, route: str, counts: dict[str, int], out: Outcome, t0: float,
-                   overhead: float, decision: RoutingDecision, affinity: str = "off",
+    def _close_out(self, v: PolicyView, rid: str, tenant: str, route: str, counts: dict[str, int], out: Outcome,
+                   t0: float, overhead: float, decision: RoutingDecision, affinity: str = "off",
                    rreq: RoutingRequest | None = None, aid: str | None = None, wall_ms: int = 0) -> None:
         now = time.perf_counter()
         tier = out.tier or "none"
@@ -249,7 +248,7 @@ class Gateway:
         else:  # no usage from the backend (stream cut): bill what we counted
             prompt = counts.get(tier, 0) if out.first_byte_at is not None else 0
             completion, cached = out.streamed_chunks, 0
-        units = cost_units(self.policy.tiers[out.tier], prompt, cached, completion) if out.tier is not None else 0
+        units = cost_units(v.policy.tiers[out.tier], prompt, cached, completion) if out.tier is not None else 0
         cost = usd(units)
         if out.tier is not None and usage is not None and out.first_byte_at is not None:
             first_token = out.first_token_at if out.first_token_at is not None else out.first_byte_at
@@ -270,8 +269,8 @@ class Gateway:
             self.accountant.settle(tenant, aid, Usage(
                 tier=tier, instance=out.instance or "", route=route, status=out.status, prompt=prompt, cached=cached,
                 completion=completion, cost=units,
-                base=cost_units(self.policy.tiers[self.baseline], prompt, cached, completion) if units else 0,
-                nocache=cost_units(self.policy.tiers[out.tier], prompt, 0, completion) if out.tier else 0,
+                base=cost_units(v.policy.tiers[v.baseline], prompt, cached, completion) if units else 0,
+                nocache=cost_units(v.policy.tiers[out.tier], prompt, 0, completion) if out.tier else 0,
                 latency_ms=(now - t0) * 1000, ttft_ms=first_ms, slo_met=slo_met,
                 at_ms=wall_ms or int(time.time() * 1000),
                 source="backend" if usage is not None else "counted"))

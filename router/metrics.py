@@ -51,6 +51,10 @@ class RouterMetrics:
                                      "for Redis.", registry=r)
         self.swept = Counter("tiergate_reservations_expired", "Reservations released by the sweeper (a router "
                              "died mid-request).", ["tenant"], registry=r)
+        self.policy_reloads = Counter("tiergate_policy_reloads", "Policy file reloads by result (reloaded, invalid).",
+                                      ["result"], registry=r)
+        self.policy_info = Gauge("tiergate_policy_info", "1 for the running policy's version.", ["version"],
+                                 registry=r)
         self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
                              registry=r)
 

@@ -32,6 +32,7 @@ class Settings(msgspec.Struct, kw_only=True):
     load_sync_stale_s: float = 2.0          # a replica silent this long no longer counts
     log_level: str = "info"
     expose_decision_header: bool = False    # x-tiergate-decision with per-plugin scores
+    policy_reload_interval_s: float = 2.0   # check the policy file for changes (0: only POST /admin/policy/reload)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

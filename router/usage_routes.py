@@ -30,8 +30,9 @@ _SECURITY = {"Content-Security-Policy": dashboard.CSP, "X-Content-Type-Options":
              "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
-def usage_handlers(policy: Policy, accountant: Accountant, today: Callable[[], dt.date] | None = None) -> list[Any]:
-    keys = KeyIndex(policy)
+def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: Accountant,
+                   today: Callable[[], dt.date] | None = None) -> list[Any]:
+    """`current`: the running policy and its key index (a reload swaps them; each request takes them once)."""
     store: BudgetStore | None = accountant.store
     day = today or (lambda: dt.datetime.now(dt.UTC).date())
 
@@ -55,7 +56,7 @@ def usage_handlers(policy: Policy, accountant: Accountant, today: Callable[[], d
                            code="invalid_value")
         return f
 
-    async def tenant_report(tenant: str, days: int) -> dict[str, Any]:
+    async def tenant_report(policy: Policy, tenant: str, days: int) -> dict[str, Any]:
         if store is None:
             raise ApiError(503, "usage needs Redis, which is not configured", code="accounting_unavailable")
         try:
@@ -76,16 +77,18 @@ def usage_handlers(policy: Policy, accountant: Accountant, today: Callable[[], d
 
     @get("/v1/usage", summary="The calling tenant's usage by day and tier (JSON or CSV)")
     async def my_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
+        policy, keys = current()
         try:
             tenant = keys.tenant_for(request.headers.get("authorization"))
             if tenant is None:
                 raise ApiError(401, "missing or invalid API key", code="invalid_api_key")
-            return reply([await tenant_report(tenant, days_param(request))], fmt_param(request), True)
+            return reply([await tenant_report(policy, tenant, days_param(request))], fmt_param(request), True)
         except ApiError as exc:
             return err(exc)
 
     @get("/admin/usage", summary="Every tenant's usage (admin key)")
     async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
+        policy, keys = current()
         try:
             auth = request.headers.get("authorization")
             if not keys.is_admin(auth):
@@ -98,7 +101,7 @@ def usage_handlers(policy: Policy, accountant: Accountant, today: Callable[[], d
                 raise ApiError(404, f"unknown tenant '{wanted}'", param="tenant", code="tenant_not_found")
             names = [wanted] if wanted else list(policy.tenants)
             days = days_param(request)
-            reports = list(await asyncio.gather(*(tenant_report(t, days) for t in names)))
+            reports = list(await asyncio.gather(*(tenant_report(policy, t, days) for t in names)))
             return reply(reports, fmt_param(request), False)
         except ApiError as exc:
             return err(exc)
@@ -115,6 +118,7 @@ def usage_handlers(policy: Policy, accountant: Accountant, today: Callable[[], d
 
     @get("/dashboard", summary="Cost dashboard (HTML)", include_in_schema=False)
     async def dash(request: Request[Any, Any, Any]) -> Response[bytes]:
+        policy, keys = current()
         auth = request.headers.get("authorization")
         admin = keys.is_admin(auth, allow_basic=True)
         tenant = None if admin else keys.tenant_for(auth, allow_basic=True)
@@ -128,11 +132,11 @@ def usage_handlers(policy: Policy, accountant: Accountant, today: Callable[[], d
             if admin and wanted is not None and wanted not in policy.tenants:
                 raise ApiError(404, f"unknown tenant '{wanted}'", param="tenant", code="tenant_not_found")
             show = wanted if admin else tenant   # a tenant key always sees its own tenant, whatever it asks
-            rep = await tenant_report(show, days) if show else None
+            rep = await tenant_report(policy, show, days) if show else None
             rows = None
             if admin and not wanted:
                 rows = []
-                for r in await asyncio.gather(*(tenant_report(name, days) for name in policy.tenants)):
+                for r in await asyncio.gather(*(tenant_report(policy, name, days) for name in policy.tenants)):
                     name, t, bud = r["tenant"], r["totals"], r["budget"]
                     rows.append({"name": name, "requests": f"{t['requests']:,}",
                                  "tokens": f"{t['prompt_tokens'] + t['completion_tokens']:,}",
