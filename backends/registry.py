@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.resilience import OutlierConfig
-from policies.schema import InstanceSpec, Policy, TierSpec
+from policies.schema import AffinitySpec, InstanceSpec, Policy, TierSpec
 from policies.types import Candidate
 
 Clock = Callable[[], float]
@@ -135,13 +135,22 @@ class Registry:
         return out
 
     def capacity_blocks(self, inst: InstanceState) -> int:
-        return inst.kv_capacity_blocks or self.tiers[inst.tier].spec.affinity.capacity_blocks
+        rt = self.tiers.get(inst.tier)  # None: a reload removed its tier while requests still ran on it
+        return inst.kv_capacity_blocks or (rt.spec.affinity if rt is not None else AffinitySpec()).capacity_blocks
 
     def instance(self, tier: str, instance_id: str) -> InstanceState:
-        for inst in self.tiers[tier].instances:
+        inst = self.find(tier, instance_id)
+        if inst is None:
+            raise KeyError(f"{tier}/{instance_id}")
+        return inst
+
+    def find(self, tier: str, instance_id: str) -> InstanceState | None:
+        """The instance, or None where a policy reload has removed it (or its tier) since a decision."""
+        rt = self.tiers.get(tier)
+        for inst in rt.instances if rt is not None else ():
             if inst.instance_id == instance_id:
                 return inst
-        raise KeyError(f"{tier}/{instance_id}")
+        return None
 
     def all_instances(self) -> list[InstanceState]:
         return [i for rt in self.tiers.values() for i in rt.instances]
@@ -158,7 +167,8 @@ class Registry:
             inst.ejected_at = now
 
     def _may_eject(self, inst: InstanceState, now: float) -> bool:
-        peers = self.tiers[inst.tier].instances
+        rt = self.tiers.get(inst.tier)
+        peers = rt.instances if rt is not None else [inst]
         out = sum(1 for i in peers if i is not inst and now < i.ejected_until)
         return (out + 1) * 100.0 <= self.outlier.max_ejection_percent * len(peers) or len(peers) == 1
 

@@ -55,7 +55,8 @@ class Affinity:
             return {}, "off"
         groups = []
         for tier, ph in hashes.items():
-            insts = [i.instance_id for i in self.registry.tiers[tier].instances]
+            rt = self.registry.tiers.get(tier)  # None: a reload removed the tier since this request began
+            insts = [i.instance_id for i in rt.instances] if rt is not None else []
             groups.append((tier, insts, ph.hashes))
         ttl = max(self.specs[t].ttl_s for t in hashes)
         found = await self.store.lookup(groups, ttl)
@@ -67,5 +68,7 @@ class Affinity:
         ph = hashes.get(tier)
         if self.store is None or ph is None or not ph.hashes:
             return
-        inst = self.registry.instance(tier, instance)
+        inst = self.registry.find(tier, instance)
+        if inst is None:  # removed by a policy reload while the request ran
+            return
         self.store.record_later(tier, instance, ph.hashes, self.specs[tier].ttl_s, self.registry.capacity_blocks(inst))

@@ -171,6 +171,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 await load_sync.leave()
             if gw.forwarder.drains:
                 await asyncio.wait(list(gw.forwarder.drains), timeout=10)
+            if state.get("notes"):  # policy-version notes still writing to Redis
+                await asyncio.wait(list(state["notes"]), timeout=2)
             await accountant.drain()
             await accountant.replay_once()
             journal.close()

@@ -231,7 +231,9 @@ class Gateway:
 
     def _learn(self, tier: str, uncached: int, ttft_s: float, backlog: int) -> None:
         """Teach the tier's TTFT predictor from a served request (see policies/plugins/slo_feasible.py)."""
-        rt = self.registry.tiers[tier]
+        rt = self.registry.tiers.get(tier)
+        if rt is None:  # a reload removed the tier while the request ran
+            return
         rt.uncached_tokens.add(float(uncached))
         rt.ttft_s.add(ttft_s)
         if backlog == 0 and uncached >= 256 and ttft_s > 0:  # an idle instance: TTFT is prefill time
@@ -255,8 +257,9 @@ class Gateway:
             self._learn(out.tier, prompt - cached, first_token - t0 - overhead, out.backlog_at_dispatch)
             if out.status == 200:
                 self.registry.route_output_tokens.setdefault(route, Ewma()).add(float(completion))
-                if completion > 1 and out.first_token_at is not None:  # streamed: time per output token
-                    self.registry.tiers[out.tier].tpot_s.add((now - out.first_token_at) / (completion - 1))
+                rt = self.registry.tiers.get(out.tier)
+                if rt is not None and completion > 1 and out.first_token_at is not None:  # streamed: per token
+                    rt.tpot_s.add((now - out.first_token_at) / (completion - 1))
         slo, slo_met = rreq, None
         first = out.first_token_at if out.first_token_at is not None else out.first_byte_at
         if slo is not None and slo.ttft_target_s is not None and out.tier is not None and out.status == 200 \

@@ -101,7 +101,10 @@ class Forwarder:
         for cand in ranked[: self.max_attempts]:
             if cand.max_model_len <= too_long:
                 continue
-            inst = self.registry.instance(cand.tier, cand.instance_id)
+            inst = self.registry.find(cand.tier, cand.instance_id)
+            if inst is None:
+                out.failed.append(f"{cand.key}: removed by a policy reload")
+                continue
             # a connect error cost the failed backend nothing, so its retry is outside the budget
             retrying = out.attempts > 0 and not prev_connect_error
             prev_connect_error = False

@@ -89,10 +89,11 @@ async def serve_router(policy: Policy, urls: Mapping[str, Sequence[tuple[str, st
     """An in-process router on a real socket, on the test's event loop."""
     port = free_port()
     settings.setdefault("data_dir", tempfile.mkdtemp(prefix="tg-router-"))  # its own usage journal
+    watch = bool(settings.pop("watch_policy", False))
     s = Settings(port=port, probe_interval_s=3600, **settings)  # type: ignore[arg-type]
     specs = {t: [i if isinstance(i, InstanceSpec) else InstanceSpec(id=i[0], url=i[1]) for i in lst]
              for t, lst in (urls or {}).items()}
-    app = create_app(s, policy=policy, instance_urls=specs)
+    app = create_app(s, policy=policy, instance_urls=specs, watch_policy=watch)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                            lifespan="on", access_log=False))
     task = asyncio.create_task(server.serve())
