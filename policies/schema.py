@@ -110,6 +110,7 @@ class AccountingSpec(msgspec.Struct, **STRICT):
     reservation_ttl_s: float = 900.0    # an unsettled reservation is released after this (crashed router)
     ledger_maxlen: int = 1_000_000      # usage records kept per tenant stream (aggregates are kept apart)
     baseline_tier: str = ""             # "what it would have cost" on one tier; default: the first route's
+    usage_retention_days: int = 400     # hourly usage aggregates kept this long (one Redis hash per tenant-day)
 
 
 class PluginSpec(msgspec.Struct, **STRICT):
@@ -344,6 +345,8 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
             errs.append((f"$.admin.key_sha256[{i}]", "an admin key must not also be a tenant key"))
     if policy.accounting.reservation_ttl_s <= 0:
         errs.append(("$.accounting.reservation_ttl_s", "must be > 0"))
+    if policy.accounting.usage_retention_days < 1:
+        errs.append(("$.accounting.usage_retention_days", "must be at least 1"))
     if policy.accounting.baseline_tier and policy.accounting.baseline_tier not in policy.tiers:
         errs.append(("$.accounting.baseline_tier", f"unknown tier {policy.accounting.baseline_tier!r}"))
     if policy.defaults.slo_class and policy.defaults.slo_class not in policy.slo_classes:

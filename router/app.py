@@ -92,7 +92,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                              timeout_s=settings.redis_timeout_s, stale_s=settings.load_sync_stale_s,
                              on_result=lambda result: metrics.child(metrics.load_sync, result).inc())
     journal = Journal(Path(settings.data_dir) / "journal")
-    accountant = Accountant(policy, BudgetStore(store, ledger_maxlen=policy.accounting.ledger_maxlen)
+    accountant = Accountant(policy, BudgetStore(store, ledger_maxlen=policy.accounting.ledger_maxlen,
+                                        retention_days=policy.accounting.usage_retention_days)
                             if store is not None else None, journal, metrics,
                             timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
     tokenizers = tokenizers or TokenizerCache()
@@ -121,6 +122,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         accountant.policy = view.policy
         if accountant.store is not None:
             accountant.store.ledger_maxlen = view.policy.accounting.ledger_maxlen
+            accountant.store.retention_days = view.policy.accounting.usage_retention_days
         with contextlib.suppress(KeyError):
             metrics.policy_info.remove(old)
         metrics.policy_info.labels(view.version).set(1)

@@ -8,7 +8,8 @@ Keys, all under one hash tag per tenant `{tg:<tenant>}` (one Redis Cluster slot)
   :q:<id>     HASH  one request: st (open|settled|expired), res, tok, d, m, min, cost
   :open       ZSET  open reservations by expiry (ms), for the sweeper
   :usage      STREAM  the usage ledger, one record per settled request
-  :agg        HASH  <YYYYMMDDHH>|<tier>|<field> -> integer sums, fed with the ledger
+  :agg:<YYYYMMDD>  HASH  <YYYYMMDDHH>|<tier>|<field> -> integer sums, fed with the ledger; one key
+                    per UTC day, expiring `usage_retention_days` after its last write
 
 Every script takes ARGV[1] = now in ms, or '' for Redis TIME (tests inject a clock).
 """
@@ -115,8 +116,8 @@ return {'ok', fmt(dlim - dused - reserve), fmt(mlim - mused - reserve), fmt(duse
         fmt(mused + reserve)}
 """
 
-# KEYS: q, w, b, open, usage, agg. ARGV: now, id, cost, tokens, keep_ms, maxlen, at_ms, then the ledger
-# record as field/value pairs (tier, instance, prompt, cached, completion, base, nocache, slo, ...).
+# KEYS: q, w, b, open, usage, agg prefix. ARGV: now, id, cost, tokens, keep_ms, maxlen, at_ms, agg_keep_ms,
+# then the ledger record as field/value pairs (tier, instance, prompt, cached, completion, base, nocache, slo, ...).
 # -> {'settled', how} where how = open | expired | orphan;  {'dup', 'settled'}
 SETTLE = _COMMON + """
 local now = now_ms(ARGV[1])
@@ -148,20 +149,22 @@ redis.call('HINCRBY', KEYS[3], 'sm:' .. mon, fmt(cost))
 redis.call('HSET', KEYS[1], 'st', 'settled', 'cost', fmt(cost))
 redis.call('PEXPIRE', KEYS[1], num(ARGV[5]))
 local rec = {'id', ARGV[2], 'cost', ARGV[3], 'at', ARGV[7], 'how', how}
-for i = 8, #ARGV do rec[#rec + 1] = ARGV[i] end
+for i = 9, #ARGV do rec[#rec + 1] = ARGV[i] end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(rec))
 local tier = 'none'
-for i = 8, #ARGV - 1, 2 do if ARGV[i] == 'tier' then tier = ARGV[i + 1] end end
+for i = 9, #ARGV - 1, 2 do if ARGV[i] == 'tier' then tier = ARGV[i + 1] end end
 local base = hour .. '|' .. tier .. '|'
-redis.call('HINCRBY', KEYS[6], base .. 'requests', 1)
-redis.call('HINCRBY', KEYS[6], base .. 'cost', fmt(cost))
-for i = 8, #ARGV - 1, 2 do
+local agg = KEYS[6] .. ':' .. string.sub(hour, 1, 8)  -- the day's key, in the tenant's slot
+redis.call('HINCRBY', agg, base .. 'requests', 1)
+redis.call('HINCRBY', agg, base .. 'cost', fmt(cost))
+for i = 9, #ARGV - 1, 2 do
   local f = ARGV[i]
   if f == 'prompt' or f == 'cached' or f == 'completion' or f == 'base' or f == 'nocache' or f == 'slo_met'
      or f == 'slo_n' then
-    redis.call('HINCRBY', KEYS[6], base .. f, fmt(num(ARGV[i + 1])))
+    redis.call('HINCRBY', agg, base .. f, fmt(num(ARGV[i + 1])))
   end
 end
+redis.call('PEXPIRE', agg, num(ARGV[8]))
 return {'settled', how}
 """
 
@@ -170,9 +173,12 @@ SWEEP = _COMMON + """
 return release_expired(KEYS[1], KEYS[2], ARGV[2], now_ms(ARGV[1]), num(ARGV[3]))
 """
 
-# KEYS: b; ARGV: now -> {day, month, spent_day, reserved_day, spent_month, reserved_month}
+# KEYS: b, open; ARGV: now, tenant prefix -> {day, month, spent_day, reserved_day, spent_month, reserved_month}
+# (expired reservations are released first, so what it reports is what admission would see)
 STATUS = _COMMON + """
-local day, mon = periods(now_ms(ARGV[1]))
+local now = now_ms(ARGV[1])
+release_expired(KEYS[1], KEYS[2], ARGV[2], now, 100)
+local day, mon = periods(now)
 return {day, mon, fmt(num(redis.call('HGET', KEYS[1], 'sd:' .. day))),
         fmt(num(redis.call('HGET', KEYS[1], 'rd:' .. day))),
         fmt(num(redis.call('HGET', KEYS[1], 'sm:' .. mon))),

@@ -17,9 +17,10 @@ Money is integer units of 1e-10 USD (`COST_SCALE`), so sums are exact. Scripts l
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -84,11 +85,12 @@ class Usage:
 
 class BudgetStore:
     def __init__(self, redis: aioredis.Redis, *, clock_ms: Callable[[], int] | None = None,
-                 keep_s: float = 7 * 86400, ledger_maxlen: int = 1_000_000) -> None:
+                 keep_s: float = 7 * 86400, ledger_maxlen: int = 1_000_000, retention_days: int = 400) -> None:
         self.redis = redis
         self.clock_ms = clock_ms          # None: Redis TIME
         self.keep_ms = int(keep_s * 1000)  # how long a settled id stays known (idempotent replays)
         self.ledger_maxlen = ledger_maxlen
+        self.retention_days = retention_days  # the daily aggregate keys expire this long after their last write
         self._admit: Any = redis.register_script(budget_lua.ADMIT)
         self._settle: Any = redis.register_script(budget_lua.SETTLE)
         self._sweep: Any = redis.register_script(budget_lua.SWEEP)
@@ -125,7 +127,7 @@ class BudgetStore:
         """-> open | expired | orphan (how it was settled), or dup when it already was."""
         res = await self._settle(keys=self._keys(tenant, rid, "q", "w", "b", "open", "usage", "agg"), args=[
             self._now(), rid, usage.cost, usage.prompt + usage.completion, self.keep_ms, self.ledger_maxlen,
-            usage.at_ms, *usage.fields()])
+            usage.at_ms, self.retention_days * 86_400_000, *usage.fields()])
         return _s(res[1]) if _s(res[0]) == "settled" else "dup"
 
     async def sweep(self, tenant: str, limit: int = 500) -> int:
@@ -133,13 +135,23 @@ class BudgetStore:
                                      args=[self._now(), f"{tag(tenant)}:q:", limit]))
 
     async def status(self, tenant: str) -> dict[str, Any]:
-        r = await self._status(keys=self._keys(tenant, "", "b"), args=[self._now()])
+        r = await self._status(keys=self._keys(tenant, "", "b", "open"), args=[self._now(), f"{tag(tenant)}:q:"])
         return {"day": _s(r[0]), "month": _s(r[1]), "spent_day": int(_s(r[2])), "reserved_day": int(_s(r[3])),
                 "spent_month": int(_s(r[4])), "reserved_month": int(_s(r[5]))}
 
-    async def aggregates(self, tenant: str) -> dict[str, int]:
-        raw = await cast("Awaitable[dict[Any, Any]]", self.redis.hgetall(f"{tag(tenant)}:agg"))  # redis-py 7 types
-        return {_s(k): int(v) for k, v in raw.items()}
+    async def aggregates(self, tenant: str, days: int = 400, today: dt.date | None = None) -> dict[str, int]:
+        """The hourly sums of the last `days` UTC days up to `today` (one extra day for clock skew)."""
+        end = today or dt.datetime.now(dt.UTC).date()
+        keys = [f"{tag(tenant)}:agg:{end + dt.timedelta(days=1 - k):%Y%m%d}" for k in range(days + 1)]
+        keys.append(f"{tag(tenant)}:agg")  # the single hash of releases before per-day keys (reports filter by day)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        out: dict[str, int] = {}
+        for raw in await pipe.execute():
+            for k, v in raw.items():
+                out[_s(k)] = out.get(_s(k), 0) + int(v)
+        return out
 
     async def ledger(self, tenant: str, count: int = 1000, after: str = "-") -> list[tuple[str, dict[str, str]]]:
         rows: Any = await self.redis.xrange(f"{tag(tenant)}:usage", min=after, max="+", count=count)

@@ -61,7 +61,7 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
             raise ApiError(503, "usage needs Redis, which is not configured", code="accounting_unavailable")
         try:
             async with asyncio.timeout(2.0):
-                agg, status = await asyncio.gather(store.aggregates(tenant), store.status(tenant))
+                agg, status = await asyncio.gather(store.aggregates(tenant, days, day()), store.status(tenant))
         except Exception:
             raise ApiError(503, "the usage store is unavailable; retry shortly", code="accounting_unavailable",
                            headers={"Retry-After": "2"}) from None

@@ -85,9 +85,25 @@ async def test_admission_is_idempotent_and_settlement_is_exact_and_once(redis: a
     assert (st["spent_day"], st["reserved_day"], st["spent_month"], st["reserved_month"]) == (420, 0, 420, 0)
     rows = await store.ledger(t)
     assert len(rows) == 1 and rows[0][1]["cost"] == "420" and rows[0][1]["tier"] == "fast"
-    agg = await store.aggregates(t)
+    agg = await store.aggregates(t, 1, dt.date(2026, 11, 22))
     assert agg["2026112210|fast|cost"] == 420 and agg["2026112210|fast|requests"] == 1
     assert agg["2026112210|fast|base"] == 1260 and agg["2026112210|fast|prompt"] == 100
+
+
+async def test_usage_aggregates_are_kept_per_day_for_the_retention_period(redis: aioredis.Redis) -> None:
+    now = [T0]
+    store = BudgetStore(redis, clock_ms=lambda: now[0], retention_days=3)
+    t = tenant()
+    for k, cost in enumerate((100, 200, 300)):       # three UTC days, one settlement each
+        now[0] = T0 + k * 86_400_000
+        assert await admit(store, t, f"r{k}", 1000) is not None
+        assert await store.settle(t, f"r{k}", usage(cost, at_ms=now[0])) == "open"
+    ttl = await redis.pttl(f"{tag(t)}:agg:20261122")
+    assert 3 * 86_400_000 - 60_000 < ttl <= 3 * 86_400_000   # each day's key expires after the retention
+    last = dt.date(2026, 11, 24)
+    assert sum(v for k, v in (await store.aggregates(t, 3, last)).items() if k.endswith("|cost")) == 600
+    assert sum(v for k, v in (await store.aggregates(t, 1, last)).items() if k.endswith("|cost")) == 300
+    assert (await store.aggregates(t, 5, dt.date(2026, 12, 31))) == {}     # outside the window: none
 
 
 async def test_rate_limits_use_a_sliding_minute(redis: aioredis.Redis) -> None:
