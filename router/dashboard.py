@@ -67,6 +67,8 @@ _TEMPLATE = """<!doctype html>
 <div class="kpi"><span>with no cache hits</span><b>${{ k.nocache }}</b>
 <span class="good">cache saved {{ k.cache_pct }}</span></div>
 <div class="kpi"><span>requests</span><b>{{ k.requests }}</b><span>SLO met {{ k.slo }}</span></div>
+<div class="kpi"><span>today's budget used</span><b class="{{ k.day_class }}">{{ k.day_used }}</b>
+<span>{{ k.day_left }}</span></div>
 <div class="kpi"><span>month budget used</span><b class="{{ k.budget_class }}">{{ k.budget_used }}</b>
 <span>{{ k.budget_left }}</span></div>
 </section>
@@ -211,6 +213,9 @@ def render(*, title: str, rep: dict[str, Any] | None, tenants: list[dict[str, An
         monthly = b.get("monthly_usd")
         used = (b.get("spent_month_usd", 0.0) + b.get("reserved_month_usd", 0.0)) if b.get("available") else None
         frac = used / monthly if used is not None and monthly else None
+        daily = b.get("daily_usd")
+        dused = (b.get("spent_today_usd", 0.0) + b.get("reserved_today_usd", 0.0)) if b.get("available") else None
+        dfrac = dused / daily if dused is not None and daily else None
         slo_n = sum(r["slo_measured"] for r in rep["data"])
         ctx["k"] = {
             "cost": _money(tt["cost_usd"]), "base": _money(tt["baseline_cost_usd"]),
@@ -218,10 +223,13 @@ def render(*, title: str, rep: dict[str, Any] | None, tenants: list[dict[str, An
             "saved_pct": _pct(tt["baseline_cost_usd"] - tt["cost_usd"], tt["baseline_cost_usd"]),
             "cache_pct": _pct(tt["no_cache_cost_usd"] - tt["cost_usd"], tt["no_cache_cost_usd"]),
             "slo": _pct(sum(r["slo_met"] for r in rep["data"]), slo_n),
-            "budget_used": "no budget" if frac is None else f"{frac * 100:.1f}%",
+            "budget_used": "no budget" if frac is None else _share(frac),
             "budget_class": "good" if frac is None or frac < 0.8 else ("warn" if frac < 1 else "bad"),
             "budget_left": "" if frac is None or monthly is None
-            else f"${_money(max(0.0, monthly - (used or 0)))} left"}
+            else f"${_money(max(0.0, monthly - (used or 0)))} left",
+            "day_used": "no budget" if dfrac is None else _share(dfrac),
+            "day_class": "good" if dfrac is None or dfrac < 0.8 else ("warn" if dfrac < 1 else "bad"),
+            "day_left": "" if dfrac is None or daily is None else f"${_money(max(0.0, daily - (dused or 0)))} left"}
         ctx["spend_svg"] = Markup(spend_chart(day_list, tiers, cost))
         ctx["legend"] = Markup(
             '<div class="legend">' + "".join(f'<span><i class="sw c{i % len(PALETTE)}"></i>{_esc(t)}</span>'
@@ -230,3 +238,7 @@ def render(*, title: str, rep: dict[str, Any] | None, tenants: list[dict[str, An
         ctx["tokens_svg"] = Markup(
             tokens_chart({t: (v[0], v[1], v[2]) for t, v in tok.items()}))
     return _page.render(**ctx)
+
+
+def _share(frac: float) -> str:
+    return "<0.1%" if 0 < frac < 0.001 else f"{frac * 100:.1f}%"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -72,6 +73,8 @@ async def test_dashboard_renders_charts_with_data_and_no_console_errors(redis_ur
             assert lines == 1 and budget == 0      # burn-down drawn; a daily budget only: no monthly line
             assert [e for e in logs if e.get("level") == "SEVERE"] == []
             assert f"tenant capped-{tag}" in text and f"free-{tag}" not in text
+            used = re.search(r"today's budget used\s+(<?[0-9.]+)%\s+\$([0-9.]+) left", text, re.I)
+            assert used is not None and used.group(1) != "0.0" and float(used.group(2)) <= 1.0, text  # in use
             assert f"capped-{tag}" in admin_text and f"free-{tag}" in admin_text
             assert (SHOTS / "tenant.png").stat().st_size > 10_000
     finally:
