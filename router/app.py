@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +130,13 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         metrics.policy_info.labels(view.version).set(1)
         sync_kv_subscribers()
         if store is not None:
-            task = asyncio.create_task(_note_version(store, view.version))
-            state.setdefault("notes", set()).add(task)
-            task.add_done_callback(state["notes"].discard)
+            track(_note_version(store, view.version))
+
+    def track(coro: Coroutine[Any, Any, object]) -> None:
+        """A short background job that shutdown waits for (a policy-version note, a SIGHUP reload)."""
+        task = asyncio.create_task(coro)
+        state.setdefault("notes", set()).add(task)
+        task.add_done_callback(state["notes"].discard)
 
     reloader = PolicyReloader(
         Path(settings.policy_path), lambda: gw.view,
@@ -154,15 +160,19 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         if load_sync is not None:
             tasks.append(asyncio.create_task(load_sync.run(), name="load-sync"))
         sync_kv_subscribers()
+        hup = False
         if watch:
             reloader.remember()
             if settings.policy_reload_interval_s > 0:
                 tasks.append(asyncio.create_task(reloader.run(), name="policy-reload"))
+            hup = _on_sighup(lambda: track(reloader.check()))
         log.info("started", policy=settings.policy_path, policy_version=gw.view.version, policy_watch=watch,
                  tiers={t: len(r.instances) for t, r in registry.tiers.items()}, http_client=client.name)
         try:
             yield
         finally:
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             tasks.extend(kv_tasks.values())
             for task in tasks:
                 task.cancel()
@@ -293,3 +303,14 @@ async def _note_version(store: aioredis.Redis, version: str) -> None:
             await store.set("tiergate:policy:version", version)
     except Exception:  # informational only
         pass
+
+
+def _on_sighup(callback: Callable[[], None]) -> bool:
+    """`kill -HUP` reloads the policy, as operators expect of a daemon (main thread, POSIX only)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True

@@ -11,8 +11,9 @@ whose simulators were started with the process. Only then does it apply the new 
 synchronous step: the gateway's view, the registry (instances matched by id and URL keep their
 health, load and learned EWMAs), the accountant, and the KV-event subscribers of new instances.
 
+Triggers: the watcher, `POST /admin/policy/reload` (which answers the result) and SIGHUP.
 An invalid file changes nothing: the running policy stays, the error is logged and counted, and
-`POST /admin/policy/reload` answers it. Parameters: `interval_s` (Settings.policy_reload_interval_s,
+the endpoint answers it. Parameters: `interval_s` (Settings.policy_reload_interval_s,
 how often the file is checked; 0 turns the watcher off, the endpoint still works).
 """
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -182,6 +185,28 @@ async def test_the_watcher_picks_up_endpoints_and_a_running_stream_keeps_its_pol
     finally:
         await one.close()
         await two.close()
+
+
+async def test_sighup_reloads_the_policy_file(redis_url: str, tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:6]
+    sim = await start_sim("qwen3-1.7b-fp8", time_scale=0.2)
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_text(tag, [sim.url], {"a": ""}))
+    try:
+        async with serve_router(load_policy(path), policy_path=str(path), redis_url=redis_url, watch_policy=True,
+                                policy_reload_interval_s=0) as base, \
+                httpx.AsyncClient(base_url=base, timeout=30) as c:
+            path.write_text(policy_text(tag, [sim.url], {"a": "", "h": ""}))
+            await asyncio.sleep(0.3)                         # no watcher: nothing changes by itself
+            assert (await c.post("/v1/chat/completions", headers=auth("h", tag), json=BODY)).status_code == 401
+            os.kill(os.getpid(), signal.SIGHUP)              # the router runs on this process's event loop
+
+            async def reloaded() -> bool:
+                r = await c.post("/v1/chat/completions", headers=auth("h", tag), json=BODY)
+                return r.status_code == 200
+            await wait_for(reloaded, 10)
+    finally:
+        await sim.close()
 
 
 def test_registry_apply_keeps_the_state_of_kept_instances() -> None:
