@@ -96,7 +96,9 @@ class Registry:
                 cur = kept.get((i.id, i.url.rstrip("/")))
                 if cur is None:
                     cur = InstanceState(name, i.id, i.url.rstrip("/"))
-                cur.kv_events, cur.kv_capacity_blocks = i.kv_events, i.kv_capacity_blocks
+                cur.kv_events = i.kv_events
+                if i.kv_capacity_blocks is not None or cur.kv_capacity_blocks is None:
+                    cur.kv_capacity_blocks = i.kv_capacity_blocks  # else keep what /metrics told us
                 insts.append(cur)
             if old is None:
                 rt = TierRuntime(name, spec, insts)

@@ -213,11 +213,12 @@ def test_registry_apply_keeps_the_state_of_kept_instances() -> None:
     urls = ["http://127.0.0.1:9201", "http://127.0.0.1:9202"]
     reg = Registry(parse_policy(policy_text("t", urls, {"a": ""})))
     kept, dropped = reg.tiers["fast"].instances
-    kept.times_ejected, kept.in_flight = 2, 3
+    kept.times_ejected, kept.in_flight, kept.kv_capacity_blocks = 2, 3, 4096   # the last one as if scraped
     reg.tiers["fast"].ttft_s.add(0.5)
     reg.apply(parse_policy(policy_text("t", [urls[0], "http://127.0.0.1:9303"], {"a": ""})))
     now = reg.tiers["fast"].instances
     assert now[0] is kept and kept.times_ejected == 2 and kept.in_flight == 3   # same id and URL: same state
+    assert reg.capacity_blocks(kept) == 4096                                     # learned KV capacity too
     assert now[1] is not dropped and now[1].url.endswith(":9303") and now[1].times_ejected == 0
     assert reg.tiers["fast"].ttft_s.value == 0.5                                 # the tier's learning stays
     reg.apply(parse_policy(policy_text("t", ["http://127.0.0.1:9999"], {"a": ""})))
