@@ -119,8 +119,13 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     def apply_policy(view: PolicyView) -> None:
         """Swap a validated policy in, in one synchronous step (requests already running keep theirs)."""
         old = gw.view.version
+        before = {(i.tier, i.instance_id) for i in registry.all_instances()}
         gw.view = view
         registry.apply(view.policy)
+        for tier, inst in before - {(i.tier, i.instance_id) for i in registry.all_instances()}:
+            for gauge in (metrics.in_flight, metrics.healthy):  # a removed instance leaves no stale series
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tier, inst)
         accountant.policy = view.policy
         if accountant.store is not None:
             accountant.store.ledger_maxlen = view.policy.accounting.ledger_maxlen

@@ -157,6 +157,7 @@ async def test_the_watcher_picks_up_endpoints_and_a_running_stream_keeps_its_pol
                 lines = r.aiter_lines()
                 while not (await anext(lines)).startswith("data: {"):
                     pass
+                assert f'instance="i0-{tag}"' in (await c.get("/metrics")).text   # its series exist
                 # mid-stream: instance one is replaced by two, and the output price doubles
                 path.write_text(policy_text(tag, [two.url], {"a": ""}, first=1,
                                             prices="{input: 0.05, cached_input: 0.01, output: 0.40}"))
@@ -174,6 +175,10 @@ async def test_the_watcher_picks_up_endpoints_and_a_running_stream_keeps_its_pol
             final: dict[str, Any] = json.loads(rest[-2][6:])["usage"]
             assert final["completion_tokens"] == 60
             assert (await c.get("/ready")).json()["reachable_instances"] == {"fast": 1}
+            gauges = [line for line in (await c.get("/metrics")).text.splitlines()
+                      if line.startswith(("tiergate_instance_healthy{", "tiergate_instance_in_flight{"))]
+            assert f'tiergate_instance_healthy{{instance="i1-{tag}",tier="fast"}} 1.0' in gauges
+            assert not [g for g in gauges if f'"i0-{tag}"' in g], gauges      # the removed one left no series
 
             async def settled() -> bool:
                 return bool((await ledger(c, base, f"a-{tag}"))["requests"] == 1 + len(probes))
