@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck check bench-overhead bench-sim bench-affinity clean
+.PHONY: help install run test lint typecheck check bench-overhead bench-sim bench-affinity bench-routing bench-failover \
+	bench-accounting bench-reload clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,6 +48,18 @@ bench-affinity: $(STAMP) ## prefix affinity vs round robin, least-loaded, sglang
 
 bench-sim: $(STAMP) ## simulator calibration table (bench/sim_calibration.py)
 	$(BIN)/python bench/sim_calibration.py
+
+bench-routing: $(STAMP) ## routing quality: cost and SLO attainment per policy (bench/routing_quality.py)
+	$(BIN)/python bench/routing_quality.py --seconds 60
+
+bench-failover: $(STAMP) ## kill 1 of 2 instances under 64 clients (bench/failover.py)
+	$(BIN)/python bench/failover.py --seconds 20
+
+bench-accounting: $(STAMP) ## admission exactness and admit/settle cost (bench/accounting.py)
+	$(BIN)/python bench/accounting.py
+
+bench-reload: $(STAMP) ## policy hot reload under load (bench/policy_reload.py)
+	$(BIN)/python bench/policy_reload.py --seconds 20
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .tiergate .pytest_cache .mypy_cache .ruff_cache
