@@ -204,6 +204,8 @@ async def test_sighup_reloads_the_policy_file(redis_url: str, tmp_path: Path) ->
             path.write_text(policy_text(tag, [sim.url], {"a": "", "h": ""}))
             await asyncio.sleep(0.3)                         # no watcher: nothing changes by itself
             assert (await c.post("/v1/chat/completions", headers=auth("h", tag), json=BODY)).status_code == 401
+            # the router installed a handler (else SIGHUP's default would end this test process)
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
             os.kill(os.getpid(), signal.SIGHUP)              # the router runs on this process's event loop
 
             async def reloaded() -> bool:
@@ -212,6 +214,7 @@ async def test_sighup_reloads_the_policy_file(redis_url: str, tmp_path: Path) ->
             await wait_for(reloaded, 10)
     finally:
         await sim.close()
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL       # shutdown removed the handler
 
 
 def test_registry_apply_keeps_the_state_of_kept_instances() -> None:
