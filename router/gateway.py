@@ -163,6 +163,8 @@ class Gateway:
             budget = limit if limit is not None else pol.defaults.completion_tokens
             reserve = max(cost_units(pol.tiers[t], counts[t], 0, budget) for t in tiers_tried)
             await self.accountant.admit(tenant, aid, max(counts[t] for t in tiers_tried) + budget, reserve, pol)
+            decision = self._after_reload(decision, v, route.profile, rreq, tuple(t for t in tiers if t in tiers_tried),
+                                          cached)
         client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         bodies: dict[str, bytes] = {}
 
@@ -201,6 +203,16 @@ class Gateway:
         if self.expose_decision:
             headers["x-tiergate-decision"] = _encode.encode(decision.summary()).decode()
         return Reply(up.status, headers, up.body, up.stream)
+
+    def _after_reload(self, decision: RoutingDecision, v: PolicyView, profile: str, rreq: RoutingRequest,
+                      tiers: tuple[str, ...], cached: dict[str, int]) -> RoutingDecision:
+        """A reload that removed every instance this request was routed to while it awaited admission:
+        decide again, among the tiers its reservation covers (else keep it, and the forwarder answers 503)."""
+        ranked = decision.ranked[: self.forwarder.max_attempts]
+        if not ranked or any(self.registry.find(c.tier, c.instance_id) is not None for c in ranked):
+            return decision
+        again = v.profiles[profile].decide(rreq, self.registry.candidates(tiers, cached))
+        return again if again.chosen is not None else decision
 
     def _no_candidate(self, pol: Policy, rreq: RoutingRequest, decision: RoutingDecision) -> ApiError:
         if decision.rejected and all(v == "context_fits" for v in decision.rejected.values()):

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
 from backends.registry import Registry
 from backends.sim.run import start_sim
+from backends.valkey import EmbeddedValkey, free_port
 from policies.schema import load_policy, parse_policy
 from router.auth import hash_key
 from router.budget_store import price_units
@@ -215,6 +217,39 @@ async def test_sighup_reloads_the_policy_file(redis_url: str, tmp_path: Path) ->
     finally:
         await sim.close()
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL       # shutdown removed the handler
+
+
+async def test_a_request_whose_instance_a_reload_removed_during_its_admission_is_routed_again(
+        tmp_path: Path) -> None:
+    """Admission is the one wait between deciding and sending; a reload there must not turn into a 503."""
+    tag = uuid.uuid4().hex[:6]
+    valkey = EmbeddedValkey(tmp_path / "v", port=free_port())   # private: it gets paused
+    valkey.start()
+    one, two = await start_sim("qwen3-1.7b-fp8", time_scale=0.2), await start_sim("qwen3-1.7b-fp8", time_scale=0.2)
+    path = tmp_path / "policy.yaml"
+    budget = ", budgets: {daily_usd: 1.0}"                         # a budget: the request awaits admission
+    path.write_text(policy_text(tag, [one.url], {"a": budget}))
+    admin = aioredis.Redis.from_url(valkey.url)
+    try:
+        async with serve_router(load_policy(path), policy_path=str(path), redis_url=valkey.url, watch_policy=True,
+                                policy_reload_interval_s=0, redis_timeout_s=5.0, accounting_timeout_s=5.0,
+                                load_sync_interval_s=0) as base, \
+                httpx.AsyncClient(base_url=base, timeout=30) as c:
+            assert (await c.post("/v1/chat/completions", headers=auth("a", tag), json=BODY)).status_code == 200
+            await admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")   # admission's script now waits
+            request = asyncio.create_task(c.post("/v1/chat/completions", headers=auth("a", tag), json=BODY))
+            await asyncio.sleep(0.3)                                   # decided for i0, waiting to be admitted
+            assert not request.done()
+            path.write_text(policy_text(tag, [two.url], {"a": budget}, first=1))
+            assert (await reload(c, base)).json()["result"] == "reloaded"
+            r = await request
+            assert r.status_code == 200, r.text
+            assert r.headers["x-tiergate-instance"] == f"i1-{tag}"    # decided again, on the new instance
+    finally:
+        await admin.aclose()
+        await one.close()
+        await two.close()
+        valkey.stop()
 
 
 def test_registry_apply_keeps_the_state_of_kept_instances() -> None:
