@@ -27,27 +27,29 @@ def keys(tag: str) -> dict[str, str]:
     return {name: f"sk-{name}-{tag}" for name in ("capped", "free", "share", "strict")}
 
 
-def policy(tag: str, daily_usd: float = 1.0) -> Policy:
-    k = keys(tag)
-    return parse_policy(f"""
+PRICES = "{input: 0.05, cached_input: 0.01, output: 0.20}"
+
+
+def policy_text(tag: str, urls: list[str], tenants: dict[str, str], prices: str = PRICES, first: int = 0,
+                extra: str = "") -> str:
+    """One `fast` tier (the listed instances, ids i<k>-<tag>, or simulated when none), tenants
+    `<name>-<tag>` with key `sk-<name>-<tag>` and `extra` flow-mapping fields, the admin key, one route."""
+    insts = ", ".join(f'{{id: i{k}-{tag}, url: "{u}"}}' for k, u in enumerate(urls, first))
+    where = f"instances: [{insts}]" if urls else "simulate: {profile: qwen3-1.7b-fp8}"
+    ten = "\n".join(f"  {name}-{tag}: {{key_sha256: [{hash_key('sk-' + name + '-' + tag)}]{more}}}"
+                    for name, more in tenants.items())
+    return f"""
 version: 1
 tiers:
   fast:
     model: {FAST}
     max_model_len: 40960
-    prices: {{input: 0.05, cached_input: 0.01, output: 0.20}}
-    simulate: {{profile: qwen3-1.7b-fp8}}
+    prices: {prices}
+    {where}
 tenants:
-  capped-{tag}: {{key_sha256: [{hash_key(k['capped'])}], budgets: {{daily_usd: {daily_usd!r}}}}}
-  free-{tag}: {{key_sha256: [{hash_key(k['free'])}]}}
-  share-{tag}:
-    key_sha256: [{hash_key(k['share'])}]
-    budgets: {{daily_usd: 1.0}}
-    on_store_failure: allow_share
-    store_failure_share: 0.5
-    limits: {{rpm: 20}}
-  strict-{tag}: {{key_sha256: [{hash_key(k['strict'])}], budgets: {{daily_usd: 1.0}}, on_store_failure: reject}}
+{ten}
 admin: {{key_sha256: [{hash_key(ADMIN)}]}}
+{extra}
 routes:
   chat: {{tiers: [fast], profile: p}}
 profiles:
@@ -55,7 +57,16 @@ profiles:
     filters: [{{type: tier_allowed}}, {{type: context_fits}}, {{type: healthy}}]
     scorers: [{{type: load}}]
     picker: {{type: max_score}}
-""", "accounting-test.yaml")
+"""
+
+
+def policy(tag: str, daily_usd: float = 1.0) -> Policy:
+    return parse_policy(policy_text(tag, [], {
+        "capped": f", budgets: {{daily_usd: {daily_usd!r}}}",
+        "free": "",
+        "share": ", budgets: {daily_usd: 1.0}, on_store_failure: allow_share, store_failure_share: 0.5, "
+                 "limits: {rpm: 20}",
+        "strict": ", budgets: {daily_usd: 1.0}, on_store_failure: reject"}), "accounting-test.yaml")
 
 
 def worst_case_units(max_tokens: int) -> int:

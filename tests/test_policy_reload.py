@@ -17,37 +17,9 @@ from backends.registry import Registry
 from backends.sim.run import start_sim
 from backends.valkey import EmbeddedValkey, free_port
 from policies.schema import load_policy, parse_policy
-from router.auth import hash_key
 from router.budget_store import price_units
 from tests.conftest import serve_router
-from tests.test_accounting import ADMIN, FAST, MSGS, ledger, wait_for
-
-PRICES = "{input: 0.05, cached_input: 0.01, output: 0.20}"
-
-
-def policy_text(tag: str, urls: list[str], tenants: dict[str, str], prices: str = PRICES, first: int = 0) -> str:
-    insts = ", ".join(f'{{id: i{k}-{tag}, url: "{u}"}}' for k, u in enumerate(urls, first))
-    ten = "\n".join(f"  {name}-{tag}: {{key_sha256: [{hash_key('sk-' + name + '-' + tag)}]{extra}}}"
-                    for name, extra in tenants.items())
-    return f"""
-version: 1
-tiers:
-  fast:
-    model: {FAST}
-    max_model_len: 40960
-    prices: {prices}
-    instances: [{insts}]
-tenants:
-{ten}
-admin: {{key_sha256: [{hash_key(ADMIN)}]}}
-routes:
-  chat: {{tiers: [fast], profile: p}}
-profiles:
-  p:
-    filters: [{{type: tier_allowed}}, {{type: context_fits}}, {{type: healthy}}]
-    scorers: [{{type: load}}]
-    picker: {{type: max_score}}
-"""
+from tests.test_accounting import ADMIN, MSGS, ledger, policy_text, wait_for
 
 
 def cost_of(usage: dict[str, Any], output_price: float) -> int:

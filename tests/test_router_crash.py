@@ -21,36 +21,17 @@ import httpx
 from backends.sim.run import start_sim
 from backends.valkey import free_port
 from policies.schema import parse_policy
-from router.auth import hash_key
 from router.budget_store import price_units
 from tests.conftest import serve_router
-from tests.test_accounting import ADMIN, FAST, MSGS, ledger, wait_for, worst_case_units
+from tests.test_accounting import MSGS, ledger, policy_text, wait_for, worst_case_units
 
 TTL_S = 2.0
 
 
-def policy_text(tag: str, sim_url: str, daily_usd: float) -> str:
-    return f"""
-version: 1
-tiers:
-  fast:
-    model: {FAST}
-    max_model_len: 40960
-    prices: {{input: 0.05, cached_input: 0.01, output: 0.20}}
-    instances: [{{id: i-{tag}, url: "{sim_url}"}}]
-tenants:
-  capped-{tag}: {{key_sha256: [{hash_key('sk-capped-' + tag)}], budgets: {{daily_usd: {daily_usd!r}}}}}
-  free-{tag}: {{key_sha256: [{hash_key('sk-free-' + tag)}], budgets: {{daily_usd: 100.0}}}}
-admin: {{key_sha256: [{hash_key(ADMIN)}]}}
-accounting: {{reservation_ttl_s: {TTL_S}}}
-routes:
-  chat: {{tiers: [fast], profile: p}}
-profiles:
-  p:
-    filters: [{{type: tier_allowed}}, {{type: context_fits}}, {{type: healthy}}]
-    scorers: [{{type: load}}]
-    picker: {{type: max_score}}
-"""
+def crash_policy(tag: str, sim_url: str, daily_usd: float) -> str:
+    return policy_text(tag, [sim_url], {"capped": f", budgets: {{daily_usd: {daily_usd!r}}}",
+                                        "free": ", budgets: {daily_usd: 100.0}"},
+                       extra=f"accounting: {{reservation_ttl_s: {TTL_S}}}")
 
 
 def tail(log: Path) -> str:
@@ -77,7 +58,7 @@ async def test_killed_router_reservations_expire_and_the_other_replica_is_unaffe
     long_body = {"model": "chat", "max_tokens": 400, "stream": True, "ignore_eos": True, "messages": MSGS}
     worst = worst_case_units(400)
     sim = await start_sim("qwen3-1.7b-fp8", time_scale=20.0)     # slow: A's streams outlive A
-    text = policy_text(tag, sim.url, daily_usd=(2 * worst + worst // 2) / 1e10)  # fits two of A's streams
+    text = crash_policy(tag, sim.url, daily_usd=(2 * worst + worst // 2) / 1e10)  # fits two of A's streams
     (tmp_path / "policy.yaml").write_text(text)
     port_a = free_port()
     log = tmp_path / "router-a.log"
