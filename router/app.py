@@ -103,6 +103,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
                  affinity_store=aff_store, accountant=accountant)
     state: dict[str, Any] = {"redis_ok": False}
+    jobs: set[asyncio.Task[object]] = set()  # short background jobs that shutdown waits for
     kv_tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
 
     def sync_kv_subscribers() -> None:
@@ -119,13 +120,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     def apply_policy(view: PolicyView) -> None:
         """Swap a validated policy in, in one synchronous step (requests already running keep theirs)."""
         old = gw.view.version
-        before = {(i.tier, i.instance_id) for i in registry.all_instances()}
         gw.view = view
         registry.apply(view.policy)
-        for tier, inst in before - {(i.tier, i.instance_id) for i in registry.all_instances()}:
-            for gauge in (metrics.in_flight, metrics.healthy):  # a removed instance leaves no stale series
-                with contextlib.suppress(KeyError):
-                    gauge.remove(tier, inst)
         accountant.policy = view.policy
         if accountant.store is not None:
             accountant.store.ledger_maxlen = view.policy.accounting.ledger_maxlen
@@ -140,8 +136,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     def track(coro: Coroutine[Any, Any, object]) -> None:
         """A short background job that shutdown waits for (a policy-version note, a SIGHUP reload)."""
         task = asyncio.create_task(coro)
-        state.setdefault("notes", set()).add(task)
-        task.add_done_callback(state["notes"].discard)
+        jobs.add(task)
+        task.add_done_callback(jobs.discard)
 
     reloader = PolicyReloader(
         Path(settings.policy_path), lambda: gw.view,
@@ -188,8 +184,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 await load_sync.leave()
             if gw.forwarder.drains:
                 await asyncio.wait(list(gw.forwarder.drains), timeout=10)
-            if state.get("notes"):  # policy-version notes still writing to Redis
-                await asyncio.wait(list(state["notes"]), timeout=2)
+            if jobs:  # policy-version notes still writing to Redis, reloads asked for by SIGHUP
+                await asyncio.wait(list(jobs), timeout=2)
             await accountant.drain()
             await accountant.replay_once()
             journal.close()
@@ -260,6 +256,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
 
     @get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
     async def prom() -> Response[bytes]:
+        metrics.in_flight.clear()  # written afresh from the registry: an instance a reload removed leaves no series
+        metrics.healthy.clear()
         for inst in registry.all_instances():
             metrics.in_flight.labels(inst.tier, inst.instance_id).set(inst.in_flight)
             metrics.healthy.labels(inst.tier, inst.instance_id).set(1 if inst.serving(registry.clock()) else 0)
