@@ -102,11 +102,10 @@ class Registry:
                 insts.append(cur)
             if old is None:
                 rt = TierRuntime(name, spec, insts)
-                rt.prefill_tps.value = spec.prefill_tokens_per_s
             else:
                 rt, rt.spec, rt.instances = old, spec, insts
-                if rt.prefill_tps.samples == 0:
-                    rt.prefill_tps.value = spec.prefill_tokens_per_s
+            if rt.prefill_tps.samples == 0:  # the policy's seed, until the tier's own responses teach it
+                rt.prefill_tps.value = spec.prefill_tokens_per_s
             tiers[name] = rt
         self.tiers = tiers
 
