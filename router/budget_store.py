@@ -43,6 +43,11 @@ def tag(tenant: str) -> str:
     return "{tg:" + tenant.replace("}", "_") + "}"
 
 
+def q_prefix(tenant: str) -> str:
+    """The prefix of the tenant's per-request keys; scripts that release expired reservations get it."""
+    return f"{tag(tenant)}:q:"
+
+
 @dataclass(frozen=True)
 class Admission:
     ok: bool
@@ -102,13 +107,13 @@ class BudgetStore:
     @staticmethod
     def _keys(tenant: str, rid: str, *names: str) -> list[str]:
         t = tag(tenant)
-        return [f"{t}:q:{rid}" if n == "q" else f"{t}:{n}" for n in names]
+        return [q_prefix(tenant) + rid if n == "q" else f"{t}:{n}" for n in names]
 
     async def admit(self, tenant: str, rid: str, *, rpm: int | None, tpm: int | None, tokens: int,
                     reserve: int, daily: int | None, monthly: int | None, ttl_s: float) -> Admission:
         res = await self._admit(keys=self._keys(tenant, rid, "q", "w", "b", "open"), args=[
             self._now(), rid, rpm or 0, tpm or 0, tokens, reserve, -1 if daily is None else daily,
-            -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms, f"{tag(tenant)}:q:"])
+            -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms, q_prefix(tenant)])
         kind = _s(res[0])
         if kind == "ok":
             dl, ml, du, mu = (int(_s(x)) for x in res[1:5])
@@ -132,10 +137,10 @@ class BudgetStore:
 
     async def sweep(self, tenant: str, limit: int = 500) -> int:
         return int(await self._sweep(keys=self._keys(tenant, "", "b", "open"),
-                                     args=[self._now(), f"{tag(tenant)}:q:", limit]))
+                                     args=[self._now(), q_prefix(tenant), limit]))
 
     async def status(self, tenant: str) -> dict[str, Any]:
-        r = await self._status(keys=self._keys(tenant, "", "b", "open"), args=[self._now(), f"{tag(tenant)}:q:"])
+        r = await self._status(keys=self._keys(tenant, "", "b", "open"), args=[self._now(), q_prefix(tenant)])
         return {"day": _s(r[0]), "month": _s(r[1]), "spent_day": int(_s(r[2])), "reserved_day": int(_s(r[3])),
                 "spent_month": int(_s(r[4])), "reserved_month": int(_s(r[5]))}
 
