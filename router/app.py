@@ -15,7 +15,6 @@ import msgspec
 import redis.asyncio as aioredis
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
 from backends.health import probe_forever, probe_once
@@ -35,6 +34,7 @@ from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
 from router.logs import get_logger
 from router.metrics import RouterMetrics
+from router.openapi import openapi_handlers
 from router.prefix_hash import tier_seed
 from router.settings import Settings
 from router.usage_routes import usage_handlers
@@ -291,9 +291,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
 
     return Litestar(
         route_handlers=[chat, completions, models, health, ready, prom, reload_policy,
-                        *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant)],
+                        *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant), *openapi_handlers()],
         lifespan=[lifespan],
-        openapi_config=OpenAPIConfig(title="tiergate", version="0.1.0", path="/schema"),
+        openapi_config=None,  # our own document and offline docs page: router/openapi.py
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         request_max_body_size=settings.max_body_bytes,
         debug=False,
