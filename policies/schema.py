@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import msgspec
 import yaml
+
+from policies.yaml_loader import PolicyError as PolicyError
+from policies.yaml_loader import load_yaml, read_policy_text
 
 STRICT = {"forbid_unknown_fields": True, "kw_only": True, "frozen": True}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -25,6 +28,7 @@ class InstanceSpec(msgspec.Struct, **STRICT):
     id: str
     url: str
     kv_events: str | None = None            # vLLM KV-event ZMQ endpoint, e.g. tcp://10.0.0.5:5557
+    kv_events_dp_ranks: int = 1             # vLLM --data-parallel-size: rank r publishes on the port + r
     kv_capacity_blocks: int | None = None   # KV capacity in blocks (else from /metrics, else the tier's)
 
 
@@ -65,6 +69,7 @@ class SloClass(msgspec.Struct, **STRICT):
     tpot_ms: float
     priority: int = 0
     batchable: bool = False
+    completion_tokens: int | None = None    # completion budget for a request without max_tokens (else defaults')
 
 
 class RateLimits(msgspec.Struct, **STRICT):
@@ -89,7 +94,7 @@ class DegradeSpec(msgspec.Struct, **STRICT):
 
 
 class TenantSpec(msgspec.Struct, **STRICT):
-    key_sha256: list[str]
+    key_sha256: list[str] = []
     allowed_tiers: list[str] = msgspec.field(default_factory=lambda: ["*"])
     allowed_models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     default_slo: str = ""
@@ -98,6 +103,14 @@ class TenantSpec(msgspec.Struct, **STRICT):
     on_store_failure: str = "reject"    # Redis away: reject | allow_share
     store_failure_share: float = 0.1    # allow_share: each replica may spend this share of what remained
     degrade: DegradeSpec | None = None
+    completion_tokens: int | None = None    # completion budget for a request without max_tokens (before the class's)
+
+
+class AnonymousSpec(msgspec.Struct, **STRICT):
+    """Trusted networks: a request with no key, or a key no tenant holds, is this tenant's.
+    Off unless present; tiergate logs a warning at start-up while it is on."""
+
+    tenant: str
 
 
 class AdminSpec(msgspec.Struct, **STRICT):
@@ -129,6 +142,7 @@ class RouteSpec(msgspec.Struct, **STRICT):
     tiers: list[str]
     profile: str
     description: str = ""
+    aliases: list[str] = []     # more names for this model (matched case-insensitively, as are route names)
 
 
 class Defaults(msgspec.Struct, **STRICT):
@@ -146,14 +160,7 @@ class Policy(msgspec.Struct, **STRICT):
     defaults: Defaults = Defaults()
     admin: AdminSpec = AdminSpec()
     accounting: AccountingSpec = AccountingSpec()
-
-
-class PolicyError(ValueError):
-    def __init__(self, path: str, message: str, line: int | None, source: str) -> None:
-        where = f"{source}:{line}" if line is not None else source
-        super().__init__(f"{where}: {path}: {message}")
-        self.path = path
-        self.line = line
+    anonymous: AnonymousSpec | None = None
 
 
 def _node_line(root: yaml.Node | None, path: list[str]) -> int | None:
@@ -205,26 +212,27 @@ def _convert(value: Any, typ: Any, prefix: str) -> Any:
         raise _ConvertError(path, detail) from None
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
+def _convert_policy(raw: Any) -> Policy:
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise PolicyError("$", f"invalid YAML: {getattr(exc, 'problem', exc)}",
-                          mark.line + 1 if mark else None, source) from None
-    # Named maps are converted entry by entry so errors name the key (msgspec says `[...]`).
-    sections: dict[str, type[msgspec.Struct]] = {"tiers": TierSpec, "routes": RouteSpec,
-                                                 "profiles": ProfileSpec, "slo_classes": SloClass,
-                                                 "tenants": TenantSpec}
-    try:
-        if isinstance(raw, dict):
-            for section, typ in sections.items():
-                entries = raw.get(section)
-                if isinstance(entries, dict):
-                    for key, value in entries.items():
-                        _convert(value, typ, f"$.{section}.{key}")
         policy: Policy = _convert(raw, Policy, "$")
+        return policy
+    except _ConvertError as exc:
+        # msgspec names a map's key `[...]`: convert that section entry by entry to find it.
+        m = re.match(r"\$\.(\w+)\[\.\.\.\]", exc.path)
+        entries = raw.get(m.group(1)) if m and isinstance(raw, dict) else None
+        if m and isinstance(entries, dict):
+            hint = get_type_hints(Policy)[m.group(1)]
+            for key, value in entries.items():
+                _convert(value, get_args(hint)[1], f"$.{m.group(1)}.{key}")
+        raise
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Strict YAML (policies/yaml_loader.py: size cap, no duplicate keys, aliases, YAML 1.1 booleans or
+    unknown fields), then msgspec conversion and `semantic_errors`, each error with its path and line."""
+    raw, root = load_yaml(text, Policy, source)
+    try:
+        policy = _convert_policy(raw)
     except _ConvertError as exc:
         raise PolicyError(exc.path, exc.detail, _node_line(root, _split_path(exc.path)), source) from None
     for path, message in semantic_errors(policy):
@@ -234,14 +242,11 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 
 def load_policy(path: str | Path) -> Policy:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise PolicyError("$", f"cannot read policy file: {exc.strerror}", None, str(p)) from None
-    return parse_policy(text, str(p))
+    return parse_policy(read_policy_text(p), str(p))
 
 
 def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
+    from policies.models import alias_errors
     from policies.registry import KNOWN_FILTERS, KNOWN_PICKERS, KNOWN_SCORERS
 
     errs: list[tuple[str, str]] = []
@@ -275,6 +280,10 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
         for i, inst in enumerate(tier.instances):
             if inst.kv_events is not None and not re.match(r"^(tcp|ipc)://\S+$", inst.kv_events):
                 errs.append((f"{base}.instances[{i}].kv_events", "must be a ZMQ endpoint (tcp://host:port or ipc://)"))
+            if not 1 <= inst.kv_events_dp_ranks <= 256 or (inst.kv_events_dp_ranks > 1 and not re.match(
+                    r"^tcp://\S+:\d+$", inst.kv_events or "")):
+                errs.append((f"{base}.instances[{i}].kv_events_dp_ranks",
+                             "must be 1..256; above 1 needs a tcp://host:port kv_events (rank r adds r to the port)"))
             if inst.kv_capacity_blocks is not None and inst.kv_capacity_blocks < 1:
                 errs.append((f"{base}.instances[{i}].kv_capacity_blocks", "must be >= 1"))
             if not re.match(r"^https?://[^/\s]+", inst.url):
@@ -353,4 +362,13 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
         errs.append(("$.defaults.slo_class", f"unknown SLO class {policy.defaults.slo_class!r}"))
     if policy.defaults.completion_tokens < 1:
         errs.append(("$.defaults.completion_tokens", "must be >= 1"))
+    for name, cls in policy.slo_classes.items():
+        if cls.completion_tokens is not None and cls.completion_tokens < 1:
+            errs.append((f"$.slo_classes.{name}.completion_tokens", "must be >= 1"))
+    for name, tenant in policy.tenants.items():
+        if tenant.completion_tokens is not None and tenant.completion_tokens < 1:
+            errs.append((f"$.tenants.{name}.completion_tokens", "must be >= 1"))
+    if policy.anonymous is not None and policy.anonymous.tenant not in policy.tenants:
+        errs.append(("$.anonymous.tenant", f"unknown tenant {policy.anonymous.tenant!r}; declare it under tenants"))
+    errs.extend(alias_errors(policy))
     return errs

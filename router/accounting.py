@@ -3,7 +3,7 @@
 * `admit`: tenants with no limits and no budgets are not checked (their usage is still
   billed). Others run one atomic admission (RPM, TPM, worst-case reservation per day and
   month, idempotent id) with a short timeout. Over a limit: 429 `rate_limit_exceeded` or
-  `budget_exceeded` with the budget left and Retry-After.
+  `insufficient_quota` with the budget left, Retry-After and `x-should-retry: false`.
 * Redis away (timeout or error), per the tenant's `on_store_failure`:
     - `reject`: 503 `accounting_unavailable` with Retry-After;
     - `allow_share`: this replica may spend `store_failure_share` of the budget left as
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from policies.schema import Policy, TenantSpec, TierSpec
-from router.budget_store import COST_SCALE, Admission, BudgetStore, Usage, price_units, usd
+from router.budget_store import COST_SCALE, Admission, BudgetStore, FlexBudget, Usage, price_units, usd
 from router.errors import ApiError
 from router.journal import Journal
 from router.logs import get_logger
@@ -37,6 +37,37 @@ def cost_units(tier: TierSpec, prompt: int, cached: int, completion: int) -> int
     p = tier.prices
     return (max(prompt - cached, 0) * price_units(p.input) + cached * price_units(p.cached_input)
             + completion * price_units(p.output))
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What admission granted: a shrunk completion budget (None: as asked) and x-ratelimit-* headers."""
+
+    granted: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _reset(seconds: float) -> str:
+    """A duration as OpenAI writes its x-ratelimit-reset-* headers: 6m0s, 1.5s, 20ms."""
+    if seconds < 1:
+        return f"{max(seconds, 0.0) * 1000:.0f}ms"
+    minutes, secs = divmod(seconds, 60)
+    return f"{int(minutes)}m{secs:.0f}s" if minutes >= 1 else f"{secs:.3g}s"
+
+
+def ratelimit_headers(spec: TenantSpec, requests: int, tokens: int, now: float, full: str = "") -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for a tenant with RPM/TPM limits (a sliding minute, so the reset is when
+    the current minute's share of the window rolls off). `full`: the limit just hit (rpm or tpm)."""
+    out: dict[str, str] = {}
+    reset = _reset(60 - now % 60)
+    for kind, limit, used in (("requests", spec.limits.rpm, requests), ("tokens", spec.limits.tpm, tokens)):
+        if limit is None:
+            continue
+        hit = full == ("rpm" if kind == "requests" else "tpm")
+        out[f"x-ratelimit-limit-{kind}"] = str(limit)
+        out[f"x-ratelimit-remaining-{kind}"] = "0" if hit else str(max(limit - used, 0))
+        out[f"x-ratelimit-reset-{kind}"] = reset
+    return out
 
 
 def baseline_tier(policy: Policy) -> str:
@@ -78,12 +109,14 @@ class Accountant:
         return any(v is not None for v in (spec.limits.rpm, spec.limits.tpm, spec.budgets.daily_usd,
                                             spec.budgets.monthly_usd))
 
-    async def admit(self, tenant: str, rid: str, tokens: int, reserve: int, policy: Policy | None = None) -> None:
-        """`policy`: the one the request started under (a reload may have swapped `self.policy` since)."""
+    async def admit(self, tenant: str, rid: str, tokens: int, reserve: int, policy: Policy | None = None,
+                    flex: FlexBudget | None = None) -> Admitted:
+        """`policy`: the one the request started under (a reload may have swapped `self.policy` since).
+        `flex`: the request named no max_tokens; its completion budget may shrink to the budget left."""
         pol = policy or self.policy
         spec = pol.tenants[tenant]
         if not self.limited(spec):
-            return
+            return Admitted()
         b = spec.budgets
         daily = None if b.daily_usd is None else round(b.daily_usd * COST_SCALE)
         monthly = None if b.monthly_usd is None else round(b.monthly_usd * COST_SCALE)
@@ -93,17 +126,17 @@ class Accountant:
             async with asyncio.timeout(self.timeout_s):
                 adm = await self.store.admit(
                     tenant, rid, rpm=spec.limits.rpm, tpm=spec.limits.tpm, tokens=tokens, reserve=reserve,
-                    daily=daily, monthly=monthly, ttl_s=pol.accounting.reservation_ttl_s)
+                    daily=daily, monthly=monthly, ttl_s=pol.accounting.reservation_ttl_s, flex=flex)
         except Exception as exc:
             self._store_failed(exc)
             self._admit_without_store(tenant, spec, tokens, reserve, daily, monthly)
-            return
+            return Admitted()
         self.store_ok = True
         self.shares.pop(tenant, None)
-        self._admitted(tenant, spec, adm, daily, monthly)
+        return self._admitted(tenant, spec, adm, daily, monthly)
 
     def _admitted(self, tenant: str, spec: TenantSpec, adm: Admission, daily: int | None,
-                  monthly: int | None) -> None:
+                  monthly: int | None) -> Admitted:
         if adm.ok:
             if adm.kind == "ok":
                 self.used[tenant] = adm.used_fraction
@@ -112,22 +145,28 @@ class Accountant:
                     period = "daily" if daily is not None and (monthly is None or daily <= monthly) else "monthly"
                     self.metrics.child(self.metrics.budget_remaining, tenant, period).set(usd(adm.left_units))
             self.metrics.child(self.metrics.admissions, tenant, "admitted").inc()
-            return
+            return Admitted(adm.granted, ratelimit_headers(spec, adm.window_requests, adm.window_tokens,
+                                                           self.clock()))
         retry = max(1, int(adm.retry_after_s + 0.999))
         if adm.kind == "rate":
             self.metrics.child(self.metrics.admissions, tenant, "rate_limited").inc()
             limit = spec.limits
             value = limit.rpm if adm.detail == "rpm" else limit.tpm
             what = "requests" if adm.detail == "rpm" else "tokens"
+            full = {"rpm": limit.rpm or 0, "tpm": limit.tpm or 0}
+            headers = ratelimit_headers(spec, full["rpm"] if adm.detail == "rpm" else 0,
+                                        full["tpm"] if adm.detail == "tpm" else 0, self.clock(), adm.detail)
             raise ApiError(429, f"rate limit exceeded: {value} {what} per minute for this key ({adm.detail})",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+                           code="rate_limit_exceeded", type=what,
+                           headers={"Retry-After": str(retry), **headers})
         self.metrics.child(self.metrics.admissions, tenant, "budget_exceeded").inc()
         left = usd(adm.left_units or 0)
         self.metrics.child(self.metrics.budget_remaining, tenant, adm.detail).set(left)
         raise ApiError(429, f"{adm.detail} budget exceeded: ${left:.6f} left, less than this request's worst-case "
                             "cost (prompt + max_tokens at the tier's prices); lower max_tokens or wait for the "
-                            "next period", code="budget_exceeded",
-                       headers={"Retry-After": str(retry), "x-tiergate-budget-remaining-usd": f"{left:.6f}"})
+                            "next period", code="insufficient_quota", type="insufficient_quota",
+                       headers={"Retry-After": str(retry), "x-tiergate-budget-remaining-usd": f"{left:.6f}",
+                                "x-should-retry": "false"})
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:
@@ -165,7 +204,7 @@ class Accountant:
             self.metrics.child(self.metrics.admissions, tenant, "store_unavailable_rejected").inc()
             raise ApiError(429, f"the budget store is unavailable; this replica's share ({share:.0%}) of the "
                                 f"tenant's {'budget' if why == 'budget' else why + ' limit'} is used up",
-                           code="budget_exceeded" if why == "budget" else "rate_limit_exceeded",
+                           code="insufficient_quota" if why == "budget" else "rate_limit_exceeded",
                            headers={"Retry-After": "1"})
         st.admitted.append(now)
         st.tokens.append((now, tokens))

@@ -19,6 +19,7 @@ from litestar.response import Stream
 
 from backends.health import probe_forever, probe_once
 from backends.http_client import ClientLimits, UpstreamClient, make_client
+from backends.kv_events import dp_endpoint
 from backends.registry import Registry
 from backends.tokenization import TokenizerCache, tokenizer_executor
 from backends.vllm_metrics import scrape_forever
@@ -26,6 +27,7 @@ from policies.schema import InstanceSpec, Policy, load_policy
 from router.accounting import Accountant
 from router.affinity_store import AffinityStore, Breaker
 from router.budget_store import BudgetStore
+from router.drain import DrainController
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
 from router.journal import Journal
@@ -34,6 +36,7 @@ from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
 from router.logs import get_logger
 from router.metrics import RouterMetrics
+from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
 from router.prefix_hash import tier_seed
 from router.settings import Settings
@@ -52,17 +55,20 @@ def make_redis(url: str, timeout_s: float) -> aioredis.Redis:
 
 def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
                    metrics: RouterMetrics) -> dict[tuple[str, str, str], KVEventSubscriber]:
-    """One subscriber per instance that publishes KV events, keyed by (tier, instance, endpoint)."""
+    """One subscriber per instance that publishes KV events, keyed by (tier, instance, endpoints); it listens
+    on every data-parallel rank's endpoint (`kv_events_dp_ranks`, backends.kv_events.dp_endpoint)."""
     subs = {}
     for inst in registry.all_instances():
         tier = policy.tiers[inst.tier]
         if inst.kv_events is None or not tier.affinity.enabled:
             continue
         aff = tier.affinity
+        ranks = next((s.kv_events_dp_ranks for s in tier.instances if s.id == inst.instance_id), 1)
+        endpoints = [dp_endpoint(inst.kv_events, r) for r in range(ranks)]
         indexer = InstanceIndexer(tier_seed(inst.tier, tier.model, tier.block_size), tier.block_size,
                                   aff.dense_blocks, aff.max_blocks, registry.capacity_blocks(inst))
-        subs[(inst.tier, inst.instance_id, inst.kv_events)] = KVEventSubscriber(
-            inst.kv_events, inst.tier, inst.instance_id, indexer, store, aff.ttl_s,
+        subs[(inst.tier, inst.instance_id, " ".join(endpoints))] = KVEventSubscriber(
+            endpoints, inst.tier, inst.instance_id, indexer, store, aff.ttl_s,
             capacity=lambda i=inst: registry.capacity_blocks(i),  # type: ignore[misc]
             on_event=lambda kind, i=inst: metrics.child(metrics.kv_events, i.tier, i.instance_id, kind).inc())  # type: ignore[misc]
     return subs
@@ -70,8 +76,10 @@ def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
 
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
                redis: aioredis.Redis | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
-               tokenizers: TokenizerCache | None = None, watch_policy: bool | None = None) -> Litestar:
-    """`watch_policy`: hot-reload `settings.policy_path` (default: when the policy is loaded from it here)."""
+               tokenizers: TokenizerCache | None = None, watch_policy: bool | None = None,
+               drain: DrainController | None = None) -> Litestar:
+    """`watch_policy`: hot-reload `settings.policy_path` (default: when the policy is loaded from it here).
+    `drain`: the process's shutdown drain, which `tiergate serve` starts on SIGTERM (router/drain.py)."""
     log = get_logger("tiergate")
     watch = policy is None if watch_policy is None else watch_policy
     policy = policy or load_policy(settings.policy_path)
@@ -102,6 +110,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     gw = Gateway(policy, registry, client, metrics, tokenizers, executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
                  affinity_store=aff_store, accountant=accountant)
+    drain = drain or DrainController(settings.drain_grace_s, settings.drain_timeout_s)
+    gw.forwarder.cuts = drain.cuts  # streams the drain may cut at its deadline
     state: dict[str, Any] = {"redis_ok": False}
     jobs: set[asyncio.Task[object]] = set()  # short background jobs that shutdown waits for
     kv_tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
@@ -129,6 +139,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         with contextlib.suppress(KeyError):
             metrics.policy_info.remove(old)
         metrics.policy_info.labels(view.version).set(1)
+        warn_anonymous(log, view.policy)
         sync_kv_subscribers()
         if store is not None:
             track(_note_version(store, view.version))
@@ -145,6 +156,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         interval_s=settings.policy_reload_interval_s, simulated=frozenset(registry.urls),
         on_result=lambda result: metrics.child(metrics.policy_reloads, result).inc())
     metrics.policy_info.labels(gw.view.version).set(1)
+    warn_anonymous(log, policy)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -201,8 +213,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
 
     def fail(exc: ApiError, request_id: str) -> Response[bytes]:
         if not exc.logged:
-            gw.log.info("request", request_id=request_id, status=exc.status, error=exc.code, param=exc.param)
-            gw.metrics.requests.labels("none", "unknown", "none", str(exc.status)).inc()
+            gw.log.info("request", request_id=request_id, tenant=exc.tenant, status=exc.status, error=exc.code,
+                        param=exc.param)
+            gw.metrics.requests.labels("none", exc.tenant or "unknown", "none", str(exc.status)).inc()
         return render(exc.status, exc.body(), {"x-request-id": request_id, **exc.headers})
 
     async def serve(kind: str, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
@@ -225,32 +238,27 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
         return await serve("completions", request)
 
-    @get("/v1/models", summary="Virtual models and their tiers")
+    @get("/v1/models", summary="Models (routes and their aliases) in OpenAI's list shape")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
         try:
             tenant = gw.tenant(request.headers.get("authorization"))
         except ApiError as exc:
-            return render(exc.status, exc.body())
-        data = []
-        policy = gw.policy
-        for name in gw.allowed_models(tenant, policy):
-            route = policy.routes[name]
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": "tiergate",
-                         "tiers": [{"name": t, "model": policy.tiers[t].model,
-                                    "max_model_len": policy.tiers[t].max_model_len} for t in route.tiers],
-                         "max_model_len": max(policy.tiers[t].max_model_len for t in route.tiers)})
-        return render(200, _enc.encode({"object": "list", "data": data}))
+            return render(exc.status, exc.body(), exc.headers)
+        return render(200, _enc.encode({"object": "list", "data": model_list(gw.view, gw.allowed_models(tenant))}))
 
     @get("/health", summary="Liveness")
     async def health() -> Response[bytes]:
         return render(200, b'{"status":"ok"}')
 
-    @get("/ready", summary="Readiness: policy loaded and a tier reachable")
+    @get("/ready", summary="Readiness: policy loaded with a tier, and not draining")
     async def ready() -> Response[bytes]:
+        """503 only while draining (or with no tier): backends all down must not take every router
+        replica out of its Service at once, so their health is in the body and /metrics instead."""
         reachable = {t: sum(1 for i in rt.instances if i.serving(registry.clock()))
                      for t, rt in registry.tiers.items()}
-        ok = any(reachable.values())
-        body = {"ready": ok, "policy_version": gw.view.version, "reachable_instances": reachable,
+        ok = bool(registry.tiers) and not drain.draining
+        body = {"ready": ok, "status": "draining" if drain.draining else "ready" if ok else "no_tiers",
+                "policy_version": gw.view.version, "reachable_instances": reachable,
                 "redis": state["redis_ok"] if store is not None else None}
         return render(200 if ok else 503, _enc.encode(body))
 
@@ -293,6 +301,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         route_handlers=[chat, completions, models, health, ready, prom, reload_policy,
                         *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant), *openapi_handlers()],
         lifespan=[lifespan],
+        middleware=[drain.middleware],  # counts requests for the drain, refuses new ones after its grace
         openapi_config=None,  # our own document and offline docs page: router/openapi.py
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         request_max_body_size=settings.max_body_bytes,

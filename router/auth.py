@@ -41,6 +41,7 @@ class KeyIndex:
             for h in spec.key_sha256:
                 self._by_hash[h] = (h, tenant)
         self._admin = list(policy.admin.key_sha256)
+        self.anonymous = policy.anonymous.tenant if policy.anonymous is not None else None
 
     def is_admin(self, authorization: str | None, allow_basic: bool = False) -> bool:
         key = bearer_or_basic(authorization) if allow_basic else self._bearer(authorization)
@@ -68,3 +69,8 @@ class KeyIndex:
             return None
         stored, tenant = hit
         return tenant if hmac.compare_digest(stored, digest) else None
+
+    def resolve(self, authorization: str | None) -> str | None:
+        """The tenant for an API request: the key's, else the anonymous tenant where the policy has one
+        (any key or none). Admin endpoints use `is_admin` and never fall back."""
+        return self.tenant_for(authorization) or self.anonymous

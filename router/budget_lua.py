@@ -75,8 +75,13 @@ end
 """
 
 # KEYS: q, w, b, open. ARGV: now, id, rpm, tpm, tokens, reserve, day_limit, month_limit, ttl_ms, keep_ms,
-#   tenant prefix ('{tg:<tenant>}:q:'): expired reservations are released first, so none causes a false 429
-# -> {'ok', day_left, month_left, day_spent_or_reserved, month_spent_or_reserved}
+#   tenant prefix ('{tg:<tenant>}:q:'): expired reservations are released first, so none causes a false 429,
+#   then the flexible completion budget: prompt_units, units_per_output_token, wanted_tokens, least_tokens.
+#   least_tokens > 0 (the request named no max_tokens): when `reserve` does not fit the budget left, the
+#   completion budget shrinks to what is left, reserve = prompt_units + granted * units_per_output_token,
+#   as long as at least least_tokens fit; the router then forwards `granted` as max_tokens.
+# -> {'ok', day_left, month_left, day_spent_or_reserved, month_spent_or_reserved, granted (-1: as asked),
+#     requests_in_window, tokens_in_window}
 #  | {'dup', state}
 #  | {'rate', 'rpm'|'tpm', retry_ms}
 #  | {'budget', 'daily'|'monthly', left, retry_s}
@@ -100,6 +105,23 @@ release_expired(KEYS[3], KEYS[4], ARGV[11], now, 100)
 local day, mon, _, day_left_s, mon_left_s = periods(now)
 local dused = num(redis.call('HGET', KEYS[3], 'sd:' .. day)) + num(redis.call('HGET', KEYS[3], 'rd:' .. day))
 local mused = num(redis.call('HGET', KEYS[3], 'sm:' .. mon)) + num(redis.call('HGET', KEYS[3], 'rm:' .. mon))
+local granted = -1
+local least = num(ARGV[15])
+if least > 0 then
+  local avail = reserve
+  if dlim >= 0 then avail = math.min(avail, dlim - dused) end
+  if mlim >= 0 then avail = math.min(avail, mlim - mused) end
+  if avail < reserve then
+    local pu, ou, want = num(ARGV[12]), num(ARGV[13]), num(ARGV[14])
+    local g = want
+    if ou > 0 then g = math.min(want, math.floor((avail - pu) / ou)) end
+    if g >= least and pu + g * ou <= avail then
+      granted = g
+      reserve = pu + g * ou
+      tokens = math.max(tokens - (want - g), 0)
+    end
+  end
+end
 if dlim >= 0 and dused + reserve > dlim then return {'budget', 'daily', fmt(dlim - dused), day_left_s} end
 if mlim >= 0 and mused + reserve > mlim then return {'budget', 'monthly', fmt(mlim - mused), mon_left_s} end
 redis.call('HINCRBY', KEYS[2], 'r:' .. minute, 1)
@@ -113,7 +135,7 @@ redis.call('HSET', KEYS[1], 'st', 'open', 'res', fmt(reserve), 'tok', fmt(tokens
 redis.call('PEXPIRE', KEYS[1], num(ARGV[10]))
 redis.call('ZADD', KEYS[4], now + num(ARGV[9]), ARGV[2])
 return {'ok', fmt(dlim - dused - reserve), fmt(mlim - mused - reserve), fmt(dused + reserve),
-        fmt(mused + reserve)}
+        fmt(mused + reserve), fmt(granted), fmt(math.ceil(window('r'))), fmt(math.ceil(window('t')))}
 """
 
 # KEYS: q, w, b, open, usage, agg prefix. ARGV: now, id, cost, tokens, keep_ms, maxlen, at_ms, agg_keep_ms,

@@ -49,6 +49,17 @@ def q_prefix(tenant: str) -> str:
 
 
 @dataclass(frozen=True)
+class FlexBudget:
+    """A completion budget the admission script may shrink: reserve = prompt_units + n * units_per_token
+    for the largest n <= wanted that fits the budget left, refused below `least`."""
+
+    prompt_units: int
+    units_per_token: int
+    wanted: int
+    least: int
+
+
+@dataclass(frozen=True)
 class Admission:
     ok: bool
     kind: str                        # ok | dup | rate | budget
@@ -56,6 +67,9 @@ class Admission:
     left_units: int | None = None    # budget left (the limiting period when rejected)
     retry_after_s: float = 0.0
     used_fraction: float = 0.0       # of the tightest budget, after this reservation
+    granted: int | None = None       # a flexible completion budget shrunk to fit what is left (else None)
+    window_requests: int = 0         # requests in the tenant's sliding minute, this one included
+    window_tokens: int = 0           # tokens reserved in it, this request's included
 
 
 @dataclass(frozen=True)
@@ -110,17 +124,22 @@ class BudgetStore:
         return [q_prefix(tenant) + rid if n == "q" else f"{t}:{n}" for n in names]
 
     async def admit(self, tenant: str, rid: str, *, rpm: int | None, tpm: int | None, tokens: int,
-                    reserve: int, daily: int | None, monthly: int | None, ttl_s: float) -> Admission:
+                    reserve: int, daily: int | None, monthly: int | None, ttl_s: float,
+                    flex: FlexBudget | None = None) -> Admission:
+        """`flex`: the request named no max_tokens, so its completion budget may shrink to fit the budget left."""
+        f = flex or FlexBudget(0, 0, 0, 0)
         res = await self._admit(keys=self._keys(tenant, rid, "q", "w", "b", "open"), args=[
             self._now(), rid, rpm or 0, tpm or 0, tokens, reserve, -1 if daily is None else daily,
-            -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms, q_prefix(tenant)])
+            -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms, q_prefix(tenant),
+            f.prompt_units, f.units_per_token, f.wanted, f.least])
         kind = _s(res[0])
         if kind == "ok":
-            dl, ml, du, mu = (int(_s(x)) for x in res[1:5])
+            dl, ml, du, mu, granted, wr, wt = (int(_s(x)) for x in res[1:8])
             fr = max([du / daily if daily else (1.0 if daily == 0 else 0.0),
                       mu / monthly if monthly else (1.0 if monthly == 0 else 0.0)])
             left = min([x for x, lim in ((dl, daily), (ml, monthly)) if lim is not None], default=None)
-            return Admission(True, "ok", left_units=left, used_fraction=fr)
+            return Admission(True, "ok", left_units=left, used_fraction=fr,
+                             granted=granted if granted >= 0 else None, window_requests=wr, window_tokens=wt)
         if kind == "dup":
             return Admission(True, "dup", _s(res[1]))
         if kind == "rate":

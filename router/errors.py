@@ -1,4 +1,10 @@
-"""OpenAI-style error bodies. Routing code raises `ApiError`; handlers render it."""
+"""OpenAI-style error bodies. Routing code raises `ApiError`; handlers render it.
+
+`type` follows OpenAI's API: `invalid_request_error` for every 4xx the client can fix (401, 403 and 404
+included), `insufficient_quota` for a spent budget, `requests`/`tokens` for a rate limit (its `code` is
+`rate_limit_exceeded`), and `server_error` for 5xx. Errors a retry cannot fix (a spent budget, a
+permission) carry `x-should-retry: false`, which the OpenAI SDKs obey instead of retrying.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +12,33 @@ import msgspec
 
 _enc = msgspec.json.Encoder()
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 502: "upstream_error", 503: "service_unavailable",
-          504: "upstream_error"}
+_NO_RETRY = {"x-should-retry": "false"}
+
+
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return "rate_limit_error" if status == 429 else "invalid_request_error"
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
-        self.headers = headers or {}
+        self.type = type
+        self.headers = {**(_NO_RETRY if status in (401, 403) else {}), **(headers or {})}
         self.logged = False
+        self.tenant: str | None = None   # set once the key was checked, for the request's log line
 
     def body(self) -> bytes:
-        return error_body(self.status, self.message, code=self.code, param=self.param)
+        return error_body(self.status, self.message, code=self.code, param=self.param, type=self.type)
 
 
-def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> bytes:
-    return _enc.encode({"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None,
+               type: str | None = None) -> bytes:
+    return _enc.encode({"error": {"message": message, "type": type or error_type(status),
                                   "param": param, "code": code}})

@@ -19,9 +19,9 @@ from backends.registry import Ewma, Registry
 from backends.tokenization import TokenizerCache
 from policies.schema import Policy
 from policies.types import RoutingDecision, RoutingRequest
-from router.accounting import Accountant, cost_units
+from router.accounting import Accountant, Admitted, cost_units
 from router.affinity_store import AffinityStore
-from router.budget_store import Usage, usd
+from router.budget_store import FlexBudget, Usage, price_units, usd
 from router.errors import ApiError
 from router.live_policy import PolicyView, build_view
 from router.logs import get_logger
@@ -31,6 +31,7 @@ from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
 from router.slo import resolve_slo
 
 _decode_any = msgspec.json.Decoder()
+MIN_FLEX_TOKENS = 16   # a request without max_tokens is refused rather than given a budget below this
 _encode = msgspec.json.Encoder()
 
 
@@ -42,10 +43,13 @@ class Reply:
     stream: AsyncIterator[bytes] | None = None
 
 
-def forward_body(body: dict[str, Any], model: str, stream: bool) -> bytes:
-    """The client's body for one tier: its model id, host-naming fields dropped, usage asked for."""
+def forward_body(body: dict[str, Any], model: str, stream: bool, max_tokens: int | None = None) -> bytes:
+    """The client's body for one tier: its model id, host-naming fields dropped, usage asked for, and
+    `max_tokens` when the client named none (the completion budget the router reserved)."""
     fwd = {k: v for k, v in body.items() if k not in HOST_FIELDS}
     fwd["model"] = model
+    if max_tokens is not None:
+        fwd["max_tokens"] = max_tokens
     if stream:
         so = dict(fwd.get("stream_options") or {})
         so["include_usage"] = True
@@ -80,10 +84,12 @@ class Gateway:
         return self.view.policy
 
     def tenant(self, authorization: str | None, view: PolicyView | None = None) -> str:
-        tenant = (view or self.view).keys.tenant_for(authorization)
+        tenant = (view or self.view).keys.resolve(authorization)
         if tenant is None:
-            msg = "missing API key: send 'Authorization: Bearer <key>'" if not authorization else \
-                "invalid API key"
+            msg = ("missing API key: send 'Authorization: Bearer <key>'" if not authorization else
+                   "invalid API key") + ". Ask this router's operator for a key (they create one with " \
+                "`tiergate keys new --tenant NAME`), or, on a trusted network, have them enable `anonymous:` " \
+                "in the policy."
             raise ApiError(401, msg, code="invalid_api_key")
         return tenant
 
@@ -94,12 +100,16 @@ class Gateway:
 
     async def handle(self, kind: str, raw: bytes, authorization: str | None,
                      request_id: str | None = None, headers: Mapping[str, str] | None = None) -> Reply:
-        t0 = time.perf_counter()
-        rid = request_id or uuid.uuid4().hex
         v = self.view                       # this request's policy, whatever a reload does meanwhile
-        pol = v.policy
         tenant = self.tenant(authorization, v)
-        slo_class, ttft_target, tpot_target = resolve_slo(pol, tenant, headers or {})
+        try:
+            return await self._handle(v, tenant, kind, raw, request_id or uuid.uuid4().hex, headers or {})
+        except ApiError as exc:
+            exc.tenant = tenant             # the key was valid: the rejection's log line names its tenant
+            raise
+
+    @staticmethod
+    def _parse(kind: str, raw: bytes) -> tuple[dict[str, Any], ChatRequest | CompletionRequest]:
         try:
             body = _decode_any.decode(raw)
         except msgspec.DecodeError as exc:
@@ -119,59 +129,73 @@ class Gateway:
             param = _param_from_path(str(exc))
             raise ApiError(400, f"invalid field '{param}': {str(exc).split(' - at ')[0]}", param=param,
                            code="invalid_value") from None
-        route = pol.routes.get(req.model)
-        if route is None:
-            raise ApiError(404, f"The model '{req.model}' does not exist. Known models: "
-                           f"{', '.join(self.allowed_models(tenant, pol))}", param="model", code="model_not_found")
-        spec = pol.tenants[tenant]
-        if "*" not in spec.allowed_models and req.model not in spec.allowed_models:
-            raise ApiError(403, f"this key may not use model '{req.model}'", param="model",
-                           code="model_not_allowed")
-        tenant_tiers = None if "*" in spec.allowed_tiers else frozenset(spec.allowed_tiers)
-        tiers = tuple(t for t in route.tiers if tenant_tiers is None or t in tenant_tiers)
-        if not tiers:
-            raise ApiError(403, f"this key may not use any tier of model '{req.model}'", param="model",
-                           code="model_not_allowed")
         limit = req.completion_limit
         if limit is not None and limit < 1:
             field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             raise ApiError(400, f"'{field}' must be at least 1", param=field, code="invalid_value")
         if req.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        if isinstance(req, ChatRequest) and not req.messages:
+            raise ApiError(400, "'messages' must contain at least one message", param="messages",
+                           code="invalid_value")
+        return body, req
+
+    def _route(self, v: PolicyView, tenant: str, model: str) -> tuple[str, tuple[str, ...], frozenset[str] | None]:
+        """(route name, the tiers this tenant may use in it, the tenant's tiers or None for all)."""
+        pol = v.policy
+        name = v.models.get(model.lower())
+        if name is None:
+            raise ApiError(404, f"The model '{model[:200]}' does not exist. Known models: "
+                           f"{', '.join(self.allowed_models(tenant, pol))}", param="model", code="model_not_found")
+        spec = pol.tenants[tenant]
+        if "*" not in spec.allowed_models and name not in spec.allowed_models:
+            raise ApiError(403, f"this key may not use model '{model[:200]}'", param="model",
+                           code="model_not_allowed")
+        tenant_tiers = None if "*" in spec.allowed_tiers else frozenset(spec.allowed_tiers)
+        tiers = tuple(t for t in pol.routes[name].tiers if tenant_tiers is None or t in tenant_tiers)
+        if not tiers:
+            raise ApiError(403, f"this key may not use any tier of model '{model[:200]}'", param="model",
+                           code="model_not_allowed")
+        return name, tiers, tenant_tiers
+
+    async def _handle(self, v: PolicyView, tenant: str, kind: str, raw: bytes, rid: str,
+                      headers: Mapping[str, str]) -> Reply:
+        t0 = time.perf_counter()
+        pol = v.policy
+        slo_class, ttft_target, tpot_target = resolve_slo(pol, tenant, headers)
+        body, req = self._parse(kind, raw)
+        route_name, tiers, tenant_tiers = self._route(v, tenant, req.model)
+        route = pol.routes[route_name]
+        limit = req.completion_limit
         if isinstance(req, ChatRequest):
-            if not req.messages:
-                raise ApiError(400, "'messages' must contain at least one message", param="messages",
-                               code="invalid_value")
             ids = await v.prompts.chat_ids(tiers, req, body)
         else:
             ids = await v.prompts.completion_ids(tiers, req)
         counts = {t: len(v) for t, v in ids.items()}
         hashes = await v.affinity.hashes(tiers, ids)
         cached, aff_status = await v.affinity.lookup(hashes)
-        rreq = RoutingRequest(request_id=rid, tenant=tenant, virtual_model=req.model, route_tiers=tiers,
+        rreq = RoutingRequest(request_id=rid, tenant=tenant, virtual_model=route_name, route_tiers=tiers,
                               tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
                               default_completion_tokens=pol.defaults.completion_tokens,
                               slo_class=slo_class, ttft_target_s=ttft_target, tpot_target_s=tpot_target,
-                              expected_output_tokens=self._expected_output(req.model),
+                              expected_output_tokens=self._expected_output(route_name),
                               degrade_tiers=self._degrade(pol, tenant))
         decision = v.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))
         if decision.chosen is None:
             raise self._no_candidate(pol, rreq, decision)
         aid = uuid.uuid4().hex  # the accounting id: admission, settlement and the ledger record
+        cap, admitted = await self._admit(pol, tenant, aid, decision, counts, limit, slo_class)
         if self.accountant is not None:
-            tiers_tried = {c.tier for c in decision.ranked[: self.forwarder.max_attempts]}
-            budget = limit if limit is not None else pol.defaults.completion_tokens
-            reserve = max(cost_units(pol.tiers[t], counts[t], 0, budget) for t in tiers_tried)
-            await self.accountant.admit(tenant, aid, max(counts[t] for t in tiers_tried) + budget, reserve, pol)
-            decision = self._after_reload(decision, v, route.profile, rreq, tuple(t for t in tiers if t in tiers_tried),
-                                          cached)
+            decision = self._after_reload(decision, v, route.profile, rreq,
+                                          tuple(t for t in tiers if t in self._tiers_tried(decision)), cached)
         client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         bodies: dict[str, bytes] = {}
 
         def body_for(tier: str) -> bytes:
             b = bodies.get(tier)
             if b is None:
-                b = bodies[tier] = forward_body(body, pol.tiers[tier].model, req.stream)
+                room = None if cap is None else max(1, min(cap, pol.tiers[tier].max_model_len - counts[tier]))
+                b = bodies[tier] = forward_body(body, pol.tiers[tier].model, req.stream, room)
             return b
 
         out = Outcome(keep_chunk_usage=bool(client_wants_usage and req.stream_options
@@ -184,7 +208,7 @@ class Gateway:
 
         def done() -> None:
             closed[0] = True
-            self._close_out(v, rid, tenant, req.model, counts, out, t0, overhead, decision, aff_status, rreq,
+            self._close_out(v, rid, tenant, route_name, counts, out, t0, overhead, decision, aff_status, rreq,
                             aid, wall_ms)
 
         try:
@@ -199,10 +223,43 @@ class Gateway:
         if out.tier is not None and out.instance is not None and up.status == 200:
             v.affinity.record(out.tier, out.instance, hashes)
         headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "", "x-tiergate-instance": out.instance or "",
-                   "x-tiergate-overhead-ms": f"{overhead * 1000:.3f}"}
+                   "x-tiergate-overhead-ms": f"{overhead * 1000:.3f}", **admitted.headers}
         if self.expose_decision:
             headers["x-tiergate-decision"] = _encode.encode(decision.summary()).decode()
         return Reply(up.status, headers, up.body, up.stream)
+
+    def _tiers_tried(self, decision: RoutingDecision) -> set[str]:
+        return {c.tier for c in decision.ranked[: self.forwarder.max_attempts]}
+
+    async def _admit(self, pol: Policy, tenant: str, aid: str, decision: RoutingDecision, counts: dict[str, int],
+                     limit: int | None, slo_class: str) -> tuple[int | None, Admitted]:
+        """Reserve the worst case of the tiers this request may be sent to; -> (the max_tokens to forward when
+        the client named none, what admission granted). Without max_tokens, a tenant with limits (or a
+        tenant or class with its own `completion_tokens`) gets the reserved completion budget forwarded as
+        max_tokens, so no answer can cost more than was reserved; near the end of a budget that budget
+        shrinks to what is left (at least `MIN_FLEX_TOKENS`). A tenant without limits and without its own
+        default keeps vLLM's behaviour (generate until EOS or the context ends)."""
+        spec = pol.tenants[tenant]
+        cls = pol.slo_classes.get(slo_class)
+        default = spec.completion_tokens or (cls.completion_tokens if cls else None)
+        tried = self._tiers_tried(decision)
+        room = min(pol.tiers[t].max_model_len - counts[t] for t in tried)
+        budget = limit if limit is not None else max(1, min(default or pol.defaults.completion_tokens, room))
+        limited = self.accountant is not None and self.accountant.limited(spec)
+        cap = budget if limit is None and (limited or default is not None) else None
+        if self.accountant is None:
+            return cap, Admitted()
+        reserve = max(cost_units(pol.tiers[t], counts[t], 0, budget) for t in tried)
+        flex = None
+        if cap is not None:
+            flex = FlexBudget(prompt_units=max(cost_units(pol.tiers[t], counts[t], 0, 0) for t in tried),
+                              units_per_token=max(price_units(pol.tiers[t].prices.output) for t in tried),
+                              wanted=budget, least=min(MIN_FLEX_TOKENS, budget))
+        admitted = await self.accountant.admit(tenant, aid, max(counts[t] for t in tried) + budget, reserve, pol,
+                                               flex)
+        if cap is not None and admitted.granted is not None:
+            cap = admitted.granted
+        return cap, admitted
 
     def _after_reload(self, decision: RoutingDecision, v: PolicyView, profile: str, rreq: RoutingRequest,
                       tiers: tuple[str, ...], cached: dict[str, int]) -> RoutingDecision:

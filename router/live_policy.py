@@ -31,6 +31,7 @@ import msgspec
 from backends.registry import Registry
 from backends.tokenization import TokenizerCache
 from policies.engine import Profile, build_profiles
+from policies.models import model_names
 from policies.schema import Policy, PolicyError, parse_policy
 from router.accounting import baseline_tier
 from router.affinity import Affinity
@@ -53,6 +54,7 @@ class PolicyView:
     prompts: PromptTokenizer
     affinity: Affinity
     baseline: str
+    models: dict[str, str]      # lower-cased model name or alias -> route (policies/models.py)
 
 
 def build_view(policy: Policy, registry: Registry, tokenizers: TokenizerCache, executor: ThreadPoolExecutor,
@@ -60,7 +62,8 @@ def build_view(policy: Policy, registry: Registry, tokenizers: TokenizerCache, e
     """Everything derived from `policy`; blocking (it may load tokenizers), so reloads run it off the loop."""
     return PolicyView(policy=policy, version=policy_version(policy), profiles=build_profiles(policy),
                       keys=KeyIndex(policy), prompts=PromptTokenizer(policy, tokenizers, executor),
-                      affinity=Affinity(policy, registry, affinity_store, executor), baseline=baseline_tier(policy))
+                      affinity=Affinity(policy, registry, affinity_store, executor), baseline=baseline_tier(policy),
+                      models=model_names(policy))
 
 
 class ReloadResult(msgspec.Struct):

@@ -128,7 +128,7 @@ async def test_concurrent_requests_admit_exactly_the_ones_that_fit(redis_url: st
             assert len(ok) == k
             assert {r.status_code for r in rejected} == {429}
             err = rejected[0].json()["error"]
-            assert err["code"] == "budget_exceeded" and "daily budget" in err["message"]
+            assert err["code"] == "insufficient_quota" and "daily budget" in err["message"]
             assert "retry-after" in rejected[0].headers and "x-tiergate-budget-remaining-usd" in rejected[0].headers
             billed = sum(r.json()["usage"]["completion_tokens"] for r in ok)
 

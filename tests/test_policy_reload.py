@@ -52,7 +52,7 @@ async def test_keys_budgets_and_prices_change_without_a_restart(redis_url: str, 
             assert (await c.post("/v1/chat/completions", headers=auth("a", tag), json=BODY)).status_code == 200
             assert (await c.post("/v1/chat/completions", headers=auth("c", tag), json=BODY)).status_code == 401
             r = await c.post("/v1/chat/completions", headers=auth("b", tag), json=BODY)
-            assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"
+            assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
             r = await reload(c, base)
             assert r.status_code == 200 and r.json()["result"] == "unchanged"
             version = (await c.get("/ready")).json()["policy_version"]

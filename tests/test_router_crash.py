@@ -96,7 +96,7 @@ async def test_killed_router_reservations_expire_and_the_other_replica_is_unaffe
                     pass
                 held.append((cm, lines))
             r = await c.post(b + "/v1/chat/completions", headers=capped, json={**long_body, "stream": False})
-            assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"   # A holds it all
+            assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"   # A holds it all
 
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
