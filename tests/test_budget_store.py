@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from router.budget_store import BudgetStore, Usage, price_units, tag, usd
+from router.budget_store import BudgetStore, FlexBudget, Usage, price_units, tag, usd
 
 T0 = int(dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC).timestamp() * 1000)
 
@@ -169,3 +169,24 @@ async def test_orphan_settlement_bills_at_the_request_time(redis: aioredis.Redis
     assert await store.settle(t, "o1", usage(300, at_ms=yesterday)) == "dup"
     raw = await redis.hgetall(f"{tag(t)}:b")
     assert raw[b"sd:20261121"] == b"300" and b"sd:20261122" not in raw
+
+
+@pytest.mark.parametrize(("daily", "monthly", "granted", "reserved"), [
+    (10_000, None, None, 1_100),      # the whole budget fits: nothing shrinks
+    (900, None, 80, 900),             # 100 prompt units + 80 tokens x 10 units fill the 900 left
+    (905, 2_000, 80, 900),            # the tighter period decides; a partial token is not granted
+    (2_000, 650, 55, 650),
+    (240, None, None, 0),             # 14 tokens would fit, below the least of 16: refused
+])
+async def test_a_flexible_completion_budget_shrinks_to_what_is_left(
+        redis: aioredis.Redis, daily: int, monthly: int | None, granted: int | None, reserved: int) -> None:
+    store = BudgetStore(redis, clock_ms=lambda: T0)
+    t = tenant()
+    flex = FlexBudget(prompt_units=100, units_per_token=10, wanted=100, least=16)
+    a = await admit(store, t, "r", 1_100, daily=daily, monthly=monthly, tokens=200, tpm=10_000, flex=flex)
+    assert a.ok is (reserved > 0) and a.granted == granted        # type: ignore[attr-defined]
+    st = await store.status(t)
+    assert st["reserved_day"] == st["reserved_month"] == (1_100 if a.ok and granted is None else reserved)
+    if a.ok:   # the rate window counts the tokens actually reserved
+        assert a.window_tokens == 200 - (100 - (granted or 100))  # type: ignore[attr-defined]
+        assert a.window_requests == 1                              # type: ignore[attr-defined]
