@@ -229,3 +229,9 @@ def test_cli_policy_check_prints_the_duplicate(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert (f"{bad}:{first + 1}: $.tenants.capped.budgets: duplicate key 'budgets' (first at line {first})"
             in r.stderr)
+
+
+def test_empty_and_comment_only_files_are_refused() -> None:
+    for text in ("", "# nothing yet\n"):
+        err = refused(text)
+        assert err.path == "$" and str(err) == "policy.yaml: $: the policy file is empty"
