@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from backends.sim.faults import Faults
-from backends.sim.kv_publisher import KVEventPublisher, parse_kv_events_config
+from backends.sim.kv_publisher import WIRE_FORMATS, KVEventPublisher, parse_kv_events_config
 from backends.sim.profile import get_profile
 from backends.sim.server import SimServer
 from backends.tokenization import TierTokenizer, TokenizerCache
@@ -43,14 +43,15 @@ async def start_sim(profile: str, *, host: str = "127.0.0.1", port: int = 0, tim
                     num_gpu_blocks: int | None = None, served_model_name: str | None = None,
                     faults: Faults | None = None, tokenizer: TierTokenizer | None = None,
                     instance_id: str = "sim", kv_events: tuple[str, str] | None = None,
-                    **overrides: object) -> RunningSim:
-    """Start one simulated vLLM server; `kv_events` = (ZMQ endpoint, topic) to publish KV events."""
+                    kv_events_format: str = "current", **overrides: object) -> RunningSim:
+    """Start one simulated vLLM server; `kv_events` = (ZMQ endpoint, topic) to publish KV events in
+    `kv_events_format`: current (vLLM after 0.26), v0.26 or legacy (backends/kv_events.py)."""
     prof = get_profile(profile, **overrides)
     tok = tokenizer or _TOKENIZERS.get(None)
     server = SimServer(prof, tok, served_model_name=served_model_name, num_gpu_blocks=num_gpu_blocks,
                        time_scale=time_scale, faults=faults, instance_id=instance_id)
     if kv_events is not None:
-        server.publish_kv_events(KVEventPublisher(*kv_events))
+        server.publish_kv_events(KVEventPublisher(*kv_events, wire_format=kv_events_format))
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     sock = _nodelay_socket(host, port)
@@ -90,6 +91,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events-config", default=None,
                    help='vLLM\'s JSON, e.g. {"enable_kv_cache_events": true, "publisher": "zmq", '
                         '"endpoint": "tcp://*:5557", "topic": "kv-events"}')
+    p.add_argument("--kv-events-format", default="current", choices=WIRE_FORMATS,
+                   help="KV-event msgpack form: current (map batch of maps, vLLM after 0.26), "
+                        "v0.26 (array batch of maps) or legacy (arrays, vLLM before 0.26)")
 
 
 def run_sim_cli(args: argparse.Namespace) -> None:
@@ -106,7 +110,8 @@ def run_sim_cli(args: argparse.Namespace) -> None:
                               served_model_name=args.served_model_name, faults=faults,
                               max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              kv_events=parse_kv_events_config(args.kv_events_config))
+                              kv_events=parse_kv_events_config(args.kv_events_config),
+                              kv_events_format=args.kv_events_format)
         print(f"tiergate sim {args.profile} serving {sim.server.model} on {sim.url}", flush=True)
         try:
             await asyncio.Event().wait()
