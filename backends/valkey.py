@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from backends.procs import start_child, stop_children
+
 
 def server_binary() -> str:
     try:
@@ -48,12 +50,12 @@ class EmbeddedValkey:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
+        # dies with this process even when it is SIGKILLed (see backends/procs.py)
+        self.proc = start_child(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              *(["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.appendfsync else
                ["--appendonly", "no"]), "--dir", str(self.data_dir), "--protected-mode", "yes",
-             "--logfile", str(self.data_dir / "valkey.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--logfile", str(self.data_dir / "valkey.log")])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -68,11 +70,8 @@ class EmbeddedValkey:
                 time.sleep(0.05)
         raise RuntimeError("valkey-server did not answer PING in time")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM (valkey flushes its append-only file and exits), SIGKILL past `timeout_s`."""
+        if self.proc is not None:
+            stop_children([self.proc], timeout_s)
         self.proc = None

@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
+from types import FrameType
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The router's listening socket, bound before any child starts (it listens once the app is up).
+    Raises OSError (EADDRINUSE: the port is taken)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} is in use on {host}: another process listens there; stop it or choose "
+                f"another port (--port or TIERGATE_PORT)")
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+def _exit_now(sig: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + sig)   # unwinds through `finally`, which stops the children
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -13,6 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from policies.schema import PolicyError, load_policy
     from router.app import create_app
+    from router.drain import DrainController, DrainingServer
     from router.logs import configure_logging, get_logger
     from router.settings import Settings
     from router.stack import EmbeddedStack
@@ -25,22 +56,36 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"policy error: {exc}", file=sys.stderr)
         return 2
+    try:
+        sock = bind_listener(settings.host, settings.port)   # before any child: a busy port fails at once
+    except OSError as exc:
+        print(f"error: {_listen_error(settings.host, settings.port, exc)}", file=sys.stderr)
+        return 1
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack = EmbeddedStack(data_dir)
+    stack = EmbeddedStack(data_dir)   # its children die with this process, however it ends
+    signal.signal(signal.SIGTERM, _exit_now)  # while children start; the server then takes the signals over
+    drain = DrainController(settings.drain_grace_s, settings.drain_timeout_s)
     try:
         if settings.redis_url is None:
             settings.redis_url = stack.start_valkey()
         urls = stack.start_sims(policy, settings.host if settings.host != "0.0.0.0" else "127.0.0.1")
-        app = create_app(settings, policy=policy, instance_urls=urls, watch_policy=True)
+        app = create_app(settings, policy=policy, instance_urls=urls, watch_policy=True, drain=drain)
         get_logger("tiergate").info("listening", url=f"http://{settings.host}:{settings.port}",
                                     redis="embedded" if stack.valkey else "external",
-                                    simulated_tiers=sorted(urls))
-        uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                    log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+                                    simulated_tiers=sorted(urls), children=stack.pids())
+        server = DrainingServer(uvicorn.Config(
+            app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", log_level="warning",
+            access_log=False, lifespan="on", timeout_graceful_shutdown=2), drain)
+        server.run(sockets=[sock])
+        return 1 if server.force_exit else 0
+    except KeyboardInterrupt:   # Ctrl-C before the server took over its signals
+        return 130
     finally:
+        children = stack.pids()
         stack.stop()
-    return 0
+        sock.close()
+        get_logger("tiergate").info("stopped", children_stopped=children)
 
 
 def _policy_check(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from backends.registry import InstanceState, Registry
 from backends.resilience import RetryBudget, parse_retry_after
 from policies.plugins.slo_feasible import queued_requests
 from policies.types import Candidate
+from router.drain import StreamCut, StreamCuts
 from router.errors import ApiError, error_body
 from router.schemas import Usage, UsageEnvelope
 
@@ -81,6 +82,7 @@ class Forwarder:
                  drain_s: float = 5.0) -> None:
         self.drain_s = drain_s
         self.drains: set[asyncio.Task[None]] = set()  # abandoned streams being read to their usage
+        self.cuts = StreamCuts()  # streams being relayed, which a shutdown drain may cut (router/drain.py)
         self.budget = budget or RetryBudget(lambda: sum(i.in_flight for i in registry.all_instances()))
         self.client = client
         self.registry = registry
@@ -215,8 +217,10 @@ class Forwarder:
         buf = b""
         pending = True
         abandoned = False   # the client went away: _drain closes out instead
+        live = self.cuts.open()
+        chunks = resp.iter_chunks()
         try:
-            async for chunk in resp.iter_chunks():
+            while (chunk := await live.next_chunk(chunks)) is not None:
                 if out.first_byte_at is None:
                     out.first_byte_at = time.perf_counter()
                 if pending and _FIRST_TOKEN.search(chunk):  # the first token: this request's prefill is done
@@ -229,6 +233,13 @@ class Forwarder:
                     yield b"".join(pieces)
             if buf.strip():
                 yield buf
+        except StreamCut:
+            # the router's shutdown drain ran out of time: end with an error event (no [DONE]); the close
+            # below aborts the upstream request and bills the usage of the last chunk relayed
+            out.error = "stream cut by the router's shutdown drain"
+            out.status = 503
+            yield b"data: " + error_body(503, "the router is shutting down and ended this stream before it was "
+                                              "complete", code="draining") + b"\n\n"
         except (GeneratorExit, asyncio.CancelledError):
             # the client went away: abort upstream (EOF) and bill what the backend produced until then
             if pending:
@@ -245,6 +256,7 @@ class Forwarder:
             yield b"data: " + error_body(502, "the backend stream ended unexpectedly", code="upstream_stream_error") \
                 + b"\n\n"
         finally:
+            self.cuts.close(live)
             if not abandoned:
                 if pending:
                     _prefilled(inst, prefill)

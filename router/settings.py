@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, kw_only=True):
     log_level: str = "info"
     expose_decision_header: bool = False    # x-tiergate-decision with per-plugin scores
     policy_reload_interval_s: float = 2.0   # check the policy file for changes (0: only POST /admin/policy/reload)
+    drain_grace_s: float = 5.0              # after SIGTERM: /ready is 503 at once, new requests still taken this long
+    drain_timeout_s: float = 30.0           # after SIGTERM: streams still running then are cut (error event, billed)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

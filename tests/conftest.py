@@ -64,7 +64,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data = tmp_path_factory.mktemp("stack")
     port = free_port()
     log_path = data / "router.log"
-    env = {**os.environ, "TIERGATE_DATA_DIR": str(data), "TIERGATE_MAX_BODY_BYTES": str(4 * 1024 * 1024)}
+    env = {**os.environ, "TIERGATE_DATA_DIR": str(data), "TIERGATE_MAX_BODY_BYTES": str(4 * 1024 * 1024),
+           "TIERGATE_DRAIN_GRACE_S": "0", "TIERGATE_DRAIN_TIMEOUT_S": "5"}  # teardown: no traffic to wait for
     env.pop("TIERGATE_REDIS_URL", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
@@ -76,11 +77,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         yield Stack(url, log_path)
     finally:
-        proc.terminate()
+        proc.terminate()   # drains, then stops its valkey and simulators (which die with it regardless)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 @contextlib.asynccontextmanager
