@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.schema import Policy, TenantSpec, TierSpec
 from router.budget_store import COST_SCALE, Admission, BudgetStore, FlexBudget, Usage, price_units, usd
@@ -101,6 +102,7 @@ class Accountant:
         self.left: dict[str, int] = {}            # tenant -> budget units left, last seen
         self.shares: dict[str, _Share] = {}       # tenants admitted locally while Redis is away
         self.tasks: set[asyncio.Task[None]] = set()
+        self.unknown: dict[str, str] = {}         # refused requests whose admission outcome is unknown -> tenant
         self.store_ok = store is not None
         metrics.journal_pending.set(journal.pending)
 
@@ -129,7 +131,13 @@ class Accountant:
                     daily=daily, monthly=monthly, ttl_s=pol.accounting.reservation_ttl_s, flex=flex)
         except Exception as exc:
             self._store_failed(exc)
-            self._admit_without_store(tenant, spec, tokens, reserve, daily, monthly)
+            try:
+                self._admit_without_store(tenant, spec, tokens, reserve, daily, monthly)
+            except ApiError:
+                if self.store is not None:   # the script may still run late: undo it (an admitted one settles)
+                    self.unknown[rid] = tenant
+                    self._spawn(self._release_unknown())
+                raise
             return Admitted()
         self.store_ok = True
         self.shares.pop(tenant, None)
@@ -214,9 +222,26 @@ class Accountant:
 
     def settle(self, tenant: str, rid: str, usage: Usage) -> None:
         """Bill one request, exactly once, off the request path (never raises)."""
-        task = asyncio.get_running_loop().create_task(self._settle(tenant, rid, usage))
+        self._spawn(self._settle(tenant, rid, usage))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _release_unknown(self) -> None:
+        """Release the admissions that timed out for refused requests (retried by `background` until Redis
+        answers; each release is idempotent by id)."""
+        if self.store is None:
+            return
+        for rid, tenant in list(self.unknown.items()):
+            try:
+                async with asyncio.timeout(self.settle_timeout_s):
+                    how = await self.store.release(tenant, rid)
+            except Exception:
+                return
+            self.unknown.pop(rid, None)
+            self.metrics.child(self.metrics.settlements, "unknown_admission_" + how).inc()
 
     async def _settle(self, tenant: str, rid: str, usage: Usage) -> None:
         if self.store is not None and (self.store_ok or self.journal.pending == 0):
@@ -273,11 +298,15 @@ class Accountant:
         last_sweep = 0.0
         while True:
             await self.replay_once()
+            if self.unknown:
+                await self._release_unknown()
             if time.monotonic() - last_sweep >= sweep_interval_s:
                 last_sweep = time.monotonic()
                 await self.sweep_once()
             await asyncio.sleep(replay_interval_s)
 
     async def drain(self) -> None:
+        if self.unknown:
+            await self._release_unknown()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=10)

@@ -190,6 +190,28 @@ redis.call('PEXPIRE', agg, num(ARGV[8]))
 return {'settled', how}
 """
 
+# KEYS: q, b, open. ARGV: now, id, keep_ms. An admission whose outcome the router never learned (it timed
+# out, and the request was refused): release its reservation if the script ran, or block the id if it has
+# not run yet, so a late admission is a 'dup' and reserves nothing. -> released | blocked | <state>
+RELEASE = _COMMON + """
+local st = redis.call('HGET', KEYS[1], 'st')
+if st == 'open' then
+  local res = num(redis.call('HGET', KEYS[1], 'res'))
+  redis.call('HINCRBY', KEYS[2], 'rd:' .. redis.call('HGET', KEYS[1], 'd'), fmt(-res))
+  redis.call('HINCRBY', KEYS[2], 'rm:' .. redis.call('HGET', KEYS[1], 'm'), fmt(-res))
+  redis.call('HSET', KEYS[1], 'st', 'released')
+  redis.call('PEXPIRE', KEYS[1], num(ARGV[3]))
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  return 'released'
+end
+if not st then
+  redis.call('HSET', KEYS[1], 'st', 'released')
+  redis.call('PEXPIRE', KEYS[1], num(ARGV[3]))
+  return 'blocked'
+end
+return st
+"""
+
 # KEYS: b, open; ARGV: now, tenant prefix ('{tg:<tenant>}:q:'), limit -> number released
 SWEEP = _COMMON + """
 return release_expired(KEYS[1], KEYS[2], ARGV[2], now_ms(ARGV[1]), num(ARGV[3]))

@@ -10,6 +10,9 @@
   bills it at the request's own time ("orphan"); settling after the sweeper released
   the reservation ("expired") bills it without releasing anything twice.
 * `sweep`: releases reservations past their TTL (a router that died mid-request).
+* `release`: undoes an admission whose outcome the router never learned (a timeout) for a request
+  it refused: the reservation is released if the script ran, and the id blocked if it had not, so
+  a late run reserves nothing. No phantom reservation waits for its TTL.
 
 Money is integer units of 1e-10 USD (`COST_SCALE`), so sums are exact. Scripts live in
 `router.budget_lua`. Callers set the timeouts: this class never retries.
@@ -113,6 +116,7 @@ class BudgetStore:
         self._admit: Any = redis.register_script(budget_lua.ADMIT)
         self._settle: Any = redis.register_script(budget_lua.SETTLE)
         self._sweep: Any = redis.register_script(budget_lua.SWEEP)
+        self._release: Any = redis.register_script(budget_lua.RELEASE)
         self._status: Any = redis.register_script(budget_lua.STATUS)
 
     def _now(self) -> str:
@@ -153,6 +157,11 @@ class BudgetStore:
             self._now(), rid, usage.cost, usage.prompt + usage.completion, self.keep_ms, self.ledger_maxlen,
             usage.at_ms, self.retention_days * 86_400_000, *usage.fields()])
         return _s(res[1]) if _s(res[0]) == "settled" else "dup"
+
+    async def release(self, tenant: str, rid: str) -> str:
+        """Undo an admission whose outcome is unknown: -> released | blocked (it had not run) | its state."""
+        return _s(await self._release(keys=self._keys(tenant, rid, "q", "b", "open"),
+                                      args=[self._now(), rid, self.keep_ms]))
 
     async def sweep(self, tenant: str, limit: int = 500) -> int:
         return int(await self._sweep(keys=self._keys(tenant, "", "b", "open"),
