@@ -40,38 +40,42 @@ class StreamCut(Exception):
 
 
 class LiveStream:
-    """One relayed stream. Each upstream read runs in a cancel scope that `cut` expires at once."""
+    """One relayed stream. `expire` ends a read in progress at once (a cancel of the relaying task that
+    `next_chunk` recognises as its own and turns into `StreamCut`, as asyncio.timeout does, without
+    a timeout object per chunk), or makes the next read raise `StreamCut`."""
 
-    __slots__ = ("_scope", "cut")
+    __slots__ = ("_by_cut", "_reader", "cut")
 
     def __init__(self) -> None:
         self.cut = False
-        self._scope: asyncio.Timeout | None = None
+        self._reader: asyncio.Task[object] | None = None   # the relaying task, while it awaits a chunk
+        self._by_cut = False
 
     async def next_chunk(self, chunks: AsyncIterator[bytes]) -> bytes | None:
         """The next upstream chunk (None at the end); raises `StreamCut` once the drain cut this stream."""
         if self.cut:
             raise StreamCut
+        self._reader = asyncio.current_task()
         try:
-            async with asyncio.timeout(None) as scope:  # never expires unless `expire` reschedules it
-                self._scope = scope
-                return await anext(chunks)
+            return await anext(chunks)
         except StopAsyncIteration:
             return None
-        except TimeoutError:
-            if self.cut:
+        except asyncio.CancelledError:
+            # ours alone (no other cancel pending, e.g. the client leaving): the drain cut the stream
+            if self._by_cut and self._reader is not None and self._reader.uncancel() == 0:
                 raise StreamCut from None
             raise
         finally:
-            self._scope = None
+            self._reader = None
 
     def expire(self) -> None:
-        """Cut: a read in progress ends now; otherwise the next read raises `StreamCut`."""
+        """Cut. Only the loop's thread calls it, so a set `_reader` is suspended in the read right now."""
         if self.cut:
             return
         self.cut = True
-        if self._scope is not None:
-            self._scope.reschedule(asyncio.get_running_loop().time())
+        if self._reader is not None:
+            self._by_cut = True
+            self._reader.cancel("stream cut by the shutdown drain")
 
 
 class StreamCuts:
