@@ -130,6 +130,7 @@ async def bench_client(kind: str, fake_url: str, seconds: float) -> dict[str, ob
         "TIERGATE_POLICY_PATH": str(pol),
         "TIERGATE_HTTP_CLIENT": kind,
         "TIERGATE_LOG_LEVEL": "warning",
+        "TIERGATE_DRAIN_GRACE_S": "0",
         "TIERGATE_REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
         "TIERGATE_DATA_DIR": str(tmp),
     }

@@ -244,7 +244,8 @@ def main() -> None:
         port = free_port()
         procs.start([sys.executable, "-m", "router.cli", "serve", "--policy", str(pol), "--port", str(port),
                      "--redis-url", args.redis_url], tmp / "router.log",
-                    {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DATA_DIR": str(tmp / "r")})
+                    {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0",
+                     "TIERGATE_DATA_DIR": str(tmp / "r")})
         router = f"http://127.0.0.1:{port}"
         if not wait_http_ok(router + "/ready", 90):
             raise RuntimeError(f"router did not start (see {tmp})")
