@@ -314,7 +314,8 @@ def main() -> None:
         routers: list[str] = []
         for i in range(2):
             port = free_port()
-            env = {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0", "TIERGATE_DATA_DIR": str(tmp / f"r{i}")}
+            env = {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0",
+                   "TIERGATE_DATA_DIR": str(tmp / f"r{i}")}
             prof = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") and i == 0 \
                 else []
             procs.start([sys.executable, *prof, "-m", "router.cli", "serve", "--policy", str(pol), "--port", str(port),

@@ -91,7 +91,8 @@ profiles:
     scorers: [{{type: load, weight: 1}}]
     picker: {{type: max_score}}
 """)
-    env = {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0", "TIERGATE_DATA_DIR": str(tmp / "r"),
+    env = {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0",
+           "TIERGATE_DATA_DIR": str(tmp / "r"),
            "TIERGATE_PROBE_INTERVAL_S": "0.5"}
     router_proc = start_router(pol, pr, env, tmp / "router.log")
     router = f"http://127.0.0.1:{pr}"

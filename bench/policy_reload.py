@@ -71,7 +71,8 @@ async def main(seconds: float, every: float) -> None:
     pol = tmp / "policy.yaml"
     edits = [policy(pa, pb, 0.2), policy(pa, None, 0.4), policy(pa, pb, 0.2, scorer="no_such_scorer")]
     pol.write_text(edits[0])
-    env = {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0", "TIERGATE_DATA_DIR": str(tmp / "r"),
+    env = {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0",
+           "TIERGATE_DATA_DIR": str(tmp / "r"),
            "TIERGATE_POLICY_RELOAD_INTERVAL_S": "0"}
     router_proc = start_router(pol, pr, env, tmp / "router.log")
     router = f"http://127.0.0.1:{pr}"
