@@ -248,6 +248,7 @@ def load_policy(path: str | Path) -> Policy:
 def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
     from policies.models import alias_errors
     from policies.registry import KNOWN_FILTERS, KNOWN_PICKERS, KNOWN_SCORERS
+    from policies.urls import instance_endpoint_errors
 
     errs: list[tuple[str, str]] = []
     if policy.version != 1:
@@ -278,16 +279,10 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
             errs.append((f"{base}.affinity.capacity_blocks", "must be >= 1"))
         seen: set[str] = set()
         for i, inst in enumerate(tier.instances):
-            if inst.kv_events is not None and not re.match(r"^(tcp|ipc)://\S+$", inst.kv_events):
-                errs.append((f"{base}.instances[{i}].kv_events", "must be a ZMQ endpoint (tcp://host:port or ipc://)"))
-            if not 1 <= inst.kv_events_dp_ranks <= 256 or (inst.kv_events_dp_ranks > 1 and not re.match(
-                    r"^tcp://\S+:\d+$", inst.kv_events or "")):
-                errs.append((f"{base}.instances[{i}].kv_events_dp_ranks",
-                             "must be 1..256; above 1 needs a tcp://host:port kv_events (rank r adds r to the port)"))
+            for field, message in instance_endpoint_errors(inst.url, inst.kv_events, inst.kv_events_dp_ranks):
+                errs.append((f"{base}.instances[{i}].{field}", message))   # policies/urls.py
             if inst.kv_capacity_blocks is not None and inst.kv_capacity_blocks < 1:
                 errs.append((f"{base}.instances[{i}].kv_capacity_blocks", "must be >= 1"))
-            if not re.match(r"^https?://[^/\s]+", inst.url):
-                errs.append((f"{base}.instances[{i}].url", "must be an http:// or https:// base URL"))
             if inst.id in seen:
                 errs.append((f"{base}.instances[{i}].id", f"duplicate instance id {inst.id!r}"))
             seen.add(inst.id)
