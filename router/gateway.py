@@ -27,6 +27,7 @@ from router.live_policy import PolicyView, build_view
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 from router.proxy import Forwarder, Outcome
+from router.request_checks import check_nesting, check_request
 from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
 from router.slo import resolve_slo
 
@@ -110,12 +111,14 @@ class Gateway:
 
     @staticmethod
     def _parse(kind: str, raw: bytes) -> tuple[dict[str, Any], ChatRequest | CompletionRequest]:
+        check_nesting(raw)
         try:
             body = _decode_any.decode(raw)
         except msgspec.DecodeError as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        check_request(body, kind)
         typ: type[ChatRequest] | type[CompletionRequest] = ChatRequest if kind == "chat" else CompletionRequest
         if "model" not in body:
             raise ApiError(400, "field 'model' is required", param="model", code="missing_field")

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from backends.sim import validation
 from backends.sim.engine import Engine, SimRequest
 from backends.sim.faults import Faults
 from backends.sim.kv_publisher import KVEventPublisher
@@ -188,6 +189,8 @@ class SimServer:
             body = _decode.decode(raw)
         except msgspec.DecodeError as exc:
             raise BadRequest(f"Invalid JSON body: {exc}") from None
+        except RecursionError:
+            raise BadRequest("Invalid JSON body: nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         return body
@@ -212,6 +215,13 @@ class SimServer:
 
     async def _parse(self, raw: bytes, chat: bool) -> Parsed:
         body = self._body(raw)
+        try:  # what vLLM's pydantic request model and SamplingParams refuse (backends/sim/validation.py)
+            validation.sampling(body)
+            if chat:
+                validation.messages(body.get("messages"))
+                validation.tools(body)
+        except validation.Invalid as exc:
+            raise BadRequest(str(exc), exc.param) from None
         model = body.get("model")
         if model != self.model:
             raise LookupError(f"The model `{model}` does not exist.")
@@ -227,7 +237,12 @@ class SimServer:
                 ids = await self.tok.encode(prompt)
             else:
                 raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+            try:
+                validation.prompt_ids(ids, self.tok.vocab_size)
+            except validation.Invalid as exc:
+                raise BadRequest(str(exc), exc.param) from None
+        max_tokens = body.get("max_completion_tokens")   # vLLM: max_completion_tokens, else max_tokens; null is unset
+        max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                        or max_tokens < 1):
             raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
