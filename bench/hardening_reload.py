@@ -70,7 +70,7 @@ async def _measure(router: str, pol: Path, texts: list[str], reloads: int) -> di
                 health.append((t0, time.perf_counter() - t0))
         task = asyncio.create_task(probe())
         for k in range(reloads):
-            pol.write_text(texts[(k + 1) % 2])
+            await asyncio.to_thread(pol.write_text, texts[(k + 1) % 2])
             t0 = time.perf_counter()
             async with admin_s.post(router + "/admin/policy/reload",
                                     headers={"authorization": f"Bearer {ADMIN}"}) as r:

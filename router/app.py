@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import signal
 import threading
 import uuid
@@ -35,11 +37,12 @@ from router.kv_events import InstanceIndexer, KVEventSubscriber
 from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
 from router.logs import get_logger
-from router.metrics import RouterMetrics
+from router.metrics import RouterMetrics, tenant_labeler
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
 from router.prefix_hash import tier_seed
 from router.settings import Settings
+from router.throttle import FailureThrottle
 from router.usage_routes import usage_handlers
 
 _enc = msgspec.json.Encoder()
@@ -86,7 +89,10 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     registry = Registry(policy, instance_urls)
     client = upstream or make_client(settings.http_client, ClientLimits(
         connect_timeout_s=settings.upstream_connect_timeout_s, read_timeout_s=settings.upstream_read_timeout_s))
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(tenant_labeler(settings.metrics_tenant_labels, settings.metrics_tenant_salt),
+                            redacted=settings.metrics_tenant_labels == "redacted")
+    throttle = FailureThrottle(settings.auth_fail_burst, settings.auth_fail_per_min,
+                               settings.auth_fail_max_addresses)  # failed key checks (router/throttle.py)
     executor = tokenizer_executor(4)
     store = redis if redis is not None else (make_redis(settings.redis_url, settings.redis_timeout_s)
                                              if settings.redis_url else None)
@@ -215,7 +221,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         if not exc.logged:
             gw.log.info("request", request_id=request_id, tenant=exc.tenant, status=exc.status, error=exc.code,
                         param=exc.param)
-            gw.metrics.requests.labels("none", exc.tenant or "unknown", "none", str(exc.status)).inc()
+            gw.metrics.child(gw.metrics.requests, "none", exc.tenant or "unknown", "none", str(exc.status)).inc()
         return render(exc.status, exc.body(), {"x-request-id": request_id, **exc.headers})
 
     async def serve(kind: str, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
@@ -263,7 +269,11 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         return render(200 if ok else 503, _enc.encode(body))
 
     @get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
-    async def prom() -> Response[bytes]:
+    async def prom(request: Request[Any, Any, Any]) -> Response[bytes]:
+        if settings.metrics_token:   # TIERGATE_METRICS_TOKEN: bearer, constant time, throttled
+            denied = metrics_denied(request)
+            if denied is not None:
+                return denied
         metrics.in_flight.clear()  # written afresh from the registry: an instance a reload removed leaves no series
         metrics.healthy.clear()
         for inst in registry.all_instances():
@@ -271,12 +281,34 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             metrics.healthy.labels(inst.tier, inst.instance_id).set(1 if inst.serving(registry.clock()) else 0)
         return Response(content=metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def metrics_denied(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+        host = request.client.host if request.client is not None else None
+        try:
+            throttle.check(host)
+        except ApiError as exc:
+            return render(exc.status, exc.body(), exc.headers)
+        auth = request.headers.get("authorization") or ""
+        sent = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        want = hashlib.sha256(str(settings.metrics_token).encode()).digest()
+        if hmac.compare_digest(hashlib.sha256(sent.encode()).digest(), want):  # equal lengths: constant time
+            return None
+        throttle.fail_if_sent(host, auth)
+        return render(401, error_body(401, "/metrics needs `Authorization: Bearer <metrics token>`",
+                                      code="invalid_api_key"), {"WWW-Authenticate": 'Bearer realm="tiergate-metrics"'})
+
     @post("/admin/policy/reload", status_code=200, summary="Reload the policy file now (admin key)")
     async def reload_policy(request: Request[Any, Any, Any]) -> Response[bytes]:
         auth = request.headers.get("authorization")
+        host = request.client.host if request.client is not None else None
+        try:
+            throttle.check(host)
+        except ApiError as exc:
+            return render(exc.status, exc.body(), exc.headers)
         if not gw.view.keys.is_admin(auth):
             status, msg = (403, "this endpoint needs an admin key") if gw.view.keys.tenant_for(auth) else \
                 (401, "missing or invalid admin key")
+            if status == 401:
+                throttle.fail_if_sent(host, auth)
             return render(status, error_body(status, msg, code="admin_only" if status == 403 else "invalid_api_key"))
         if not watch:
             return render(409, error_body(409, "this router was given its policy in code, not read from a file; "
@@ -299,7 +331,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
 
     return Litestar(
         route_handlers=[chat, completions, models, health, ready, prom, reload_policy,
-                        *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant), *openapi_handlers()],
+                        *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant, throttle=throttle),
+                        *openapi_handlers()],
         lifespan=[lifespan],
         middleware=[drain.middleware],  # counts requests for the drain, refuses new ones after its grace
         openapi_config=None,  # our own document and offline docs page: router/openapi.py

@@ -1,7 +1,24 @@
-"""Prometheus metrics on a private registry (one per app, no globals)."""
+"""Prometheus metrics on a private registry (one per app, no globals).
+
+Tenant labels (`tenant` on requests, tokens, cost, SLO, admissions, budget remaining and expired
+reservations) take one of three forms (Settings.metrics_tenant_labels):
+- `name` (default): the tenant's name from the policy.
+- `hash`: `t_` + the first 12 hex digits of HMAC-SHA256(metrics_tenant_salt, name). Stable across
+  replicas and restarts that share the salt, so per-tenant graphs and alerts keep working, but a
+  reader of /metrics cannot tell which tenant is which, nor confirm a guessed name without the salt.
+  An unkeyed hash would not hide guessable names (company names), hence the required salt. Map a
+  value back: `python -c "import hmac,hashlib,sys;print('t_'+hmac.new(sys.argv[1].encode(),
+  sys.argv[2].encode(),hashlib.sha256).hexdigest()[:12])" SALT TENANT`.
+- `redacted`: every tenant is `redacted` (the series sum over tenants); the per-tenant budget gauge,
+  meaningless once summed, is not exported.
+The value `unknown` (a request refused before its key named a tenant) is kept as is in every mode.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -10,8 +27,38 @@ LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
 
+TENANT_LABEL_MODES = ("name", "hash", "redacted")
+
+
+def tenant_labeler(mode: str = "name", salt: str | None = None) -> Callable[[str], str]:
+    """The tenant label value for a tenant name, per the module header; ValueError for a bad setting."""
+    if mode == "name":
+        return lambda tenant: tenant
+    if mode == "redacted":
+        return lambda tenant: tenant if tenant == "unknown" else "redacted"
+    if mode == "hash":
+        if not salt:
+            raise ValueError("metrics_tenant_labels=hash needs metrics_tenant_salt (TIERGATE_METRICS_TENANT_SALT), "
+                             "the same secret on every replica")
+        key = salt.encode()
+        return lambda tenant: tenant if tenant == "unknown" else \
+            "t_" + hmac.new(key, tenant.encode(), hashlib.sha256).hexdigest()[:12]
+    raise ValueError(f"metrics_tenant_labels must be one of {', '.join(TENANT_LABEL_MODES)}")
+
+
+class _NoOp:
+    """A child that records nothing (a per-tenant gauge when tenants are redacted)."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_label: Callable[[str], str] | None = None, redacted: bool = False) -> None:
+        """`tenant_label`: tenant name -> label value (`tenant_labeler`); `redacted`: tenants are all one."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("tiergate_requests", "Requests by outcome.", ["tier", "tenant", "route", "status"],
@@ -59,13 +106,26 @@ class RouterMetrics:
                              registry=r)
 
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.tenant_label = tenant_label or (lambda tenant: tenant)
+        # where each metric labelled by tenant has its tenant label (every tenant-labelled write goes via child)
+        self._tenant_at = {id(self.requests): 1, id(self.tokens): 1, id(self.cost): 1, id(self.slo): 1,
+                           id(self.admissions): 0, id(self.budget_remaining): 0, id(self.swept): 0}
+        self._dropped = {id(self.budget_remaining)} if redacted else set()
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, memoised: label lookup costs more than the increment itself."""
+        """`metric.labels(*labels)`, memoised: label lookup costs more than the increment itself. A tenant
+        label is written in the configured form (module header)."""
         key = (id(metric), labels)
         c = self._children.get(key)
         if c is None:
-            c = self._children[key] = metric.labels(*labels)
+            at = self._tenant_at.get(id(metric))
+            if at is None:
+                c = metric.labels(*labels)
+            elif id(metric) in self._dropped:
+                c = _NoOp()
+            else:
+                c = metric.labels(*labels[:at], self.tenant_label(labels[at]), *labels[at + 1:])
+            self._children[key] = c
         return c
 
     def request_done(self, tier: str, tenant: str, route: str, status: int, prompt: int, cached: int,

@@ -35,6 +35,12 @@ class Settings(msgspec.Struct, kw_only=True):
     policy_reload_interval_s: float = 2.0   # check the policy file for changes (0: only POST /admin/policy/reload)
     drain_grace_s: float = 5.0              # after SIGTERM: /ready is 503 at once, new requests still taken this long
     drain_timeout_s: float = 30.0           # after SIGTERM: streams still running then are cut (error event, billed)
+    metrics_token: str | None = None        # /metrics needs `Authorization: Bearer <token>` (None: open)
+    metrics_tenant_labels: str = "name"     # tenant label values: name | hash (HMAC with the salt) | redacted
+    metrics_tenant_salt: str | None = None  # the HMAC key for `hash` (same on every replica); required by it
+    auth_fail_burst: int = 10               # failed key checks per client address at once (router/throttle.py)
+    auth_fail_per_min: float = 10.0         # ... and then per minute; past them 429 + Retry-After
+    auth_fail_max_addresses: int = 10_000   # addresses remembered (LRU): bounds the throttle's memory
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

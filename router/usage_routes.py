@@ -5,6 +5,10 @@
 * `/admin/usage`: every tenant (or `?tenant=`), behind an admin key; tenant keys get 403.
 * `/dashboard`: a tenant key shows that tenant; an admin key shows every tenant and any
   one of them (`?tenant=`). Browsers authenticate with HTTP Basic (the key as password).
+
+Failed key checks on all three are throttled per client address (router/throttle.py): 429 with
+Retry-After. `days` is parsed strictly: ASCII digits only (`'²'.isdigit()` is true, and `int()`
+refuses it), at most 3 of them, then the bounds; anything else is a 400 naming the parameter.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from router.accounting import Accountant, baseline_tier
 from router.auth import KeyIndex
 from router.budget_store import BudgetStore
 from router.errors import ApiError
+from router.throttle import FailureThrottle
 from router.usage import budget_view, report, to_csv
 
 _enc = msgspec.json.Encoder()
@@ -30,24 +35,36 @@ _SECURITY = {"Content-Security-Policy": dashboard.CSP, "X-Content-Type-Options":
              "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
+def int_param(request: Request[Any, Any, Any], name: str, lo: int, hi: int, default: int) -> int:
+    """A query parameter that must be an integer in [lo, hi]: ASCII digits only, bounded before `int()`."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    digits = len(str(hi))
+    if not (0 < len(raw) <= digits and raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
+        raise ApiError(400, f"query parameter '{name}' must be an integer from {lo} to {hi}", param=name,
+                       code="invalid_value")
+    return int(raw)
+
+
+def client_host(request: Request[Any, Any, Any]) -> str | None:
+    return request.client.host if request.client is not None else None
+
+
 def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: Accountant,
-                   today: Callable[[], dt.date] | None = None) -> list[Any]:
-    """`current`: the running policy and its key index (a reload swaps them; each request takes them once)."""
+                   today: Callable[[], dt.date] | None = None, throttle: FailureThrottle | None = None) -> list[Any]:
+    """`current`: the running policy and its key index (a reload swaps them; each request takes them once).
+    `throttle`: failed key checks per client address (router/throttle.py); default: its defaults."""
     store: BudgetStore | None = accountant.store
     day = today or (lambda: dt.datetime.now(dt.UTC).date())
+    guard = throttle if throttle is not None else FailureThrottle()   # (an empty one is falsy: it has a len)
 
     def err(exc: ApiError) -> Response[bytes]:
         return Response(content=exc.body(), status_code=exc.status, media_type="application/json",
                         headers=exc.headers)
 
     def days_param(request: Request[Any, Any, Any], default: int = 30) -> int:
-        raw = request.query_params.get("days")
-        if raw is None:
-            return default
-        if not raw.isdigit() or not 1 <= int(raw) <= 400:
-            raise ApiError(400, "query parameter 'days' must be an integer from 1 to 400", param="days",
-                           code="invalid_value")
-        return int(raw)
+        return int_param(request, "days", 1, 400, default)
 
     def fmt_param(request: Request[Any, Any, Any]) -> str:
         f = request.query_params.get("format", "json")
@@ -79,8 +96,11 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
     async def my_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
         policy, keys = current()
         try:
-            tenant = keys.tenant_for(request.headers.get("authorization"))
+            guard.check(client_host(request))
+            auth = request.headers.get("authorization")
+            tenant = keys.tenant_for(auth)
             if tenant is None:
+                guard.fail_if_sent(client_host(request), auth)
                 raise ApiError(401, "missing or invalid API key", code="invalid_api_key")
             return reply([await tenant_report(policy, tenant, days_param(request))], fmt_param(request), True)
         except ApiError as exc:
@@ -90,11 +110,13 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
     async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
         policy, keys = current()
         try:
+            guard.check(client_host(request))
             auth = request.headers.get("authorization")
             if not keys.is_admin(auth):
                 if keys.tenant_for(auth) is not None:
                     raise ApiError(403, "this endpoint needs an admin key; tenant keys may use /v1/usage",
                                    code="admin_only")
+                guard.fail_if_sent(client_host(request), auth)
                 raise ApiError(401, "missing or invalid admin key", code="invalid_api_key")
             wanted = request.query_params.get("tenant")
             if wanted is not None and wanted not in policy.tenants:
@@ -120,9 +142,15 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
     async def dash(request: Request[Any, Any, Any]) -> Response[bytes]:
         policy, keys = current()
         auth = request.headers.get("authorization")
+        try:
+            guard.check(client_host(request))
+        except ApiError as exc:
+            return Response(content=exc.body(), status_code=429, media_type="application/json",
+                            headers={**exc.headers, **_SECURITY})
         admin = keys.is_admin(auth, allow_basic=True)
         tenant = None if admin else keys.tenant_for(auth, allow_basic=True)
         if not admin and tenant is None:
+            guard.fail_if_sent(client_host(request), auth)
             return Response(content=b"sign in with your API key as the password", status_code=401,
                             media_type="text/plain", headers={"WWW-Authenticate": 'Basic realm="tiergate"',
                                                               **_SECURITY})

@@ -106,7 +106,7 @@ async def test_reload_answers_422_while_the_file_the_watcher_saw_stays_invalid(t
         path.write_text(good.replace("{key_sha256", "{budgets: {daily_usd: 2.0}, key_sha256", 1))
 
         async def fixed() -> bool:
-            return (await c.get("/ready")).json()["policy_version"] != version
+            return bool((await c.get("/ready")).json()["policy_version"] != version)
         await wait_for(fixed)
         r = await reload(c)
         assert r.status_code == 200 and r.json()["result"] == "unchanged", r.text
