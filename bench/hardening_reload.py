@@ -111,6 +111,12 @@ async def reload_health(reloads: int = 6, tenants: int = 10_000) -> dict[str, fl
             p.wait(timeout=30)
 
 
+def reload_health_figure(_router: object = None, reloads: int = 6, tenants: int = 10_000) -> dict[str, object]:
+    """bench/hardening.py's figure `reload_health` (it starts its own router and simulator)."""
+    f = asyncio.run(reload_health(reloads, tenants))
+    return {"reloads": reloads, "tenants": tenants, **{k: round(v, 2) for k, v in f.items()}}
+
+
 def main(reloads: int, tenants: int) -> None:
     f = asyncio.run(reload_health(reloads, tenants))
     print(f"/health during {reloads} reloads of a {f['policy_mb']:.2f} MB policy ({tenants:,} tenants): "
