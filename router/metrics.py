@@ -105,6 +105,21 @@ class RouterMetrics:
         self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
                              registry=r)
 
+        self.tokenized_chars = Counter("tiergate_tokenized_chars", "Prompt characters handed to the tokenizer.",
+                                       registry=r)
+        self.prompts_refused = Counter("tiergate_prompts_refused", "Prompts refused as longer than the largest "
+                                       "context before all of them was tokenized (reason: chars, proven from the "
+                                       "characters alone; tokens, counted part of it).", ["reason"], registry=r)
+        self.bodies_refused = Counter("tiergate_bodies_refused", "Request bodies refused with 413 (how: "
+                                      "content_length, before reading; streamed, once the count passed the limit).",
+                                      ["how"], registry=r)
+        self.long_prompt_slots = Gauge("tiergate_long_prompt_slots", "Long-prompt tokenizer slots (state: slots, "
+                                       "running, waiting).", ["state"], registry=r)
+        self.long_prompts = Counter("tiergate_long_prompts", "Long prompts by whether they got a tokenizer slot "
+                                    "(admitted) or found the queue full (shed, 503).", ["result"], registry=r)
+        self.long_prompt_wait = Histogram("tiergate_long_prompt_wait_seconds", "Wait for a long-prompt tokenizer "
+                                          "slot.", buckets=LAT_BUCKETS, registry=r)
+
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.tenant_label = tenant_label or (lambda tenant: tenant)
         # where each metric labelled by tenant has its tenant label (every tenant-labelled write goes via child)
@@ -142,6 +157,11 @@ class RouterMetrics:
         child(self.latency, tier).observe(latency)
         if ttft is not None:
             child(self.ttft, tier).observe(ttft)
+
+    def long_prompt_done(self, result: str, waited_s: float) -> None:
+        self.child(self.long_prompts, result).inc()
+        if result == "admitted":
+            self.long_prompt_wait.observe(waited_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

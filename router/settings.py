@@ -35,6 +35,17 @@ class Settings(msgspec.Struct, kw_only=True):
     policy_reload_interval_s: float = 2.0   # check the policy file for changes (0: only POST /admin/policy/reload)
     drain_grace_s: float = 5.0              # after SIGTERM: /ready is 503 at once, new requests still taken this long
     drain_timeout_s: float = 30.0           # after SIGTERM: streams still running then are cut (error event, billed)
+    # bounded resources (router/limits.py, router/http_limits.py); max_body_bytes above caps the body limit
+    long_prompt_chars: int = 262_144        # prompts of this many characters or more take a tokenizer slot
+    long_prompt_slots: int = 2              # long prompts tokenized at once (FIFO queue behind them)
+    long_prompt_queue: int = 64             # long prompts waiting for a slot; more get 503 tokenizer_busy
+    malloc_trim_after_bytes: int = 1024 * 1024  # after a body this large, give freed heap back (0: never)
+    http_max_header_bytes: int = 65_536     # request line and headers; more gets 431 and the connection closed
+    http_max_headers: int = 100             # header fields; more gets 431
+    http_header_timeout_s: float = 10.0     # from a request's first byte (or the connection) to its last header
+    http_body_idle_timeout_s: float = 30.0  # longest silence while a request body is being sent
+    http_keep_alive_timeout_s: int = 5      # an idle keep-alive connection is closed after this
+    http_limit_concurrency: int = 0         # connections + requests before uvicorn answers 503 (0: no limit)
     metrics_token: str | None = None        # /metrics needs `Authorization: Bearer <token>` (None: open)
     metrics_tenant_labels: str = "name"     # tenant label values: name | hash (HMAC with the salt) | redacted
     metrics_tenant_salt: str | None = None  # the HMAC key for `hash` (same on every replica); required by it
