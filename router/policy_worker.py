@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from concurrent.futures import Executor
+from pathlib import Path
 
 import msgspec
 
 from policies.schema import Policy
 
 MEMORY_LIMIT_BYTES = 4 * 1024 ** 3      # the child's address space (RLIMIT_AS); a 4 MiB file needs far less
+_ROOT = str(Path(__file__).resolve().parent.parent)     # where `router` and `policies` are, for the child
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -40,12 +43,13 @@ _decoder = msgspec.msgpack.Decoder(Reply)
 
 async def parse_in_child(text: str, source: str, executor: Executor, timeout_s: float = 60.0) -> Policy:
     """The parsed, validated policy; ValueError (its message names source, line and path) when refused."""
+    path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router.policy_worker", source, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
     try:
         async with asyncio.timeout(timeout_s):
-            out, _ = await proc.communicate(text.encode())
+            out, err = await proc.communicate(text.encode())
     except TimeoutError:
         raise ValueError(f"{source}: parsing took longer than {timeout_s:g} s; policy not reloaded") from None
     finally:
@@ -54,7 +58,9 @@ async def parse_in_child(text: str, source: str, executor: Executor, timeout_s: 
                 proc.kill()
             await proc.wait()
     if proc.returncode != 0:
-        raise ValueError(f"{source}: the policy parser exited with status {proc.returncode}; policy not reloaded")
+        last = (err.decode(errors="replace").strip().splitlines() or [""])[-1][:300]
+        raise ValueError(f"{source}: the policy parser exited with status {proc.returncode} ({last}); "
+                         "policy not reloaded")
     try:
         reply = await asyncio.get_running_loop().run_in_executor(executor, _decoder.decode, out)
     except msgspec.DecodeError as exc:

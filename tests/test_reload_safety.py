@@ -179,3 +179,15 @@ def test_data_parallel_ranks_must_keep_the_port_in_range() -> None:
     with pytest.raises(PolicyError, match=r"kv_events_dp_ranks: .*<= 65535"):
         parse_policy(text)
     parse_policy(text.replace("kv_events_dp_ranks: 4", "kv_events_dp_ranks: 2"))
+
+
+async def test_a_parser_that_runs_too_long_is_killed_and_refused() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from router.policy_worker import parse_in_child
+    text = policy_text("t", [DEAD], {f"t{i}": "" for i in range(2000)})
+    with ThreadPoolExecutor(1) as ex:
+        with pytest.raises(ValueError, match="parsing took longer than"):
+            await parse_in_child(text, "slow.yaml", ex, timeout_s=0.001)   # less than the child's own start-up
+        assert not parser_children()
+        assert len((await parse_in_child(text, "slow.yaml", ex)).tenants) == 2000
