@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from policies.registry import KNOWN_FILTERS, KNOWN_PICKERS, KNOWN_SCORERS, build
 from policies.schema import Policy, ProfileSpec
-from policies.types import Candidate, Filter, Picker, PluginResult, RoutingDecision, RoutingRequest, Scorer
+from policies.types import (
+    Candidate,
+    EstimatingScorer,
+    Filter,
+    Picker,
+    PluginResult,
+    RoutingDecision,
+    RoutingRequest,
+    Scorer,
+)
 
 
 class Profile:
@@ -14,6 +23,8 @@ class Profile:
         self.filters = filters
         self.scorers = scorers
         self.picker = picker
+        # which scorers also estimate: checked once here, not per request (a runtime Protocol check is slow)
+        self._plan = [(s, w, s if isinstance(s, EstimatingScorer) else None) for s, w in scorers]
 
     @classmethod
     def from_spec(cls, name: str, spec: ProfileSpec) -> Profile:
@@ -36,10 +47,16 @@ class Profile:
             cands = kept
             reasons.append(PluginResult(f.name, why))
         scores: dict[str, dict[str, float]] = {c.key: {} for c in cands}
+        estimates: dict[str, dict[str, float]] = {}
         totals = [0.0] * len(cands)
         if cands:
-            for scorer, weight in self.scorers:
-                vals, why = scorer.score(req, cands)
+            for scorer, weight, est in self._plan:
+                if est is not None:
+                    vals, why, ests = est.score_estimates(req, cands)
+                    for c, e in zip(cands, ests, strict=True):
+                        estimates.setdefault(c.key, {}).update(e)
+                else:
+                    vals, why = scorer.score(req, cands)
                 for i, (c, v) in enumerate(zip(cands, vals, strict=True)):
                     scores[c.key][scorer.name] = v
                     totals[i] += weight * v
@@ -49,7 +66,7 @@ class Profile:
         ranked = [cands[i] for i in order]
         return RoutingDecision(chosen=ranked[0] if ranked else None, ranked=ranked, scores=scores,
                                totals={cands[i].key: totals[i] for i in range(len(cands))},
-                               reasons=reasons, rejected=rejected)
+                               reasons=reasons, rejected=rejected, estimates=estimates)
 
 
 def build_profiles(policy: Policy) -> dict[str, Profile]:

@@ -9,6 +9,7 @@ from policies.plugins.bounded_load import BoundedLoad
 from policies.plugins.budget_degrade import BudgetDegrade
 from policies.plugins.context_fits import ContextFits
 from policies.plugins.expected_cost import ExpectedCost
+from policies.plugins.expected_money import ExpectedMoney
 from policies.plugins.healthy import Healthy
 from policies.plugins.load import Load
 from policies.plugins.max_score import MaxScore
@@ -27,6 +28,7 @@ KNOWN_FILTERS: dict[str, Callable[..., Filter]] = {
 }
 KNOWN_SCORERS: dict[str, Callable[..., Scorer]] = {
     "expected_cost": ExpectedCost,
+    "expected_money": ExpectedMoney,
     "load": Load,
     "prefix_affinity": PrefixAffinity,
 }

@@ -70,6 +70,7 @@ class SloClass(msgspec.Struct, **STRICT):
     priority: int = 0
     batchable: bool = False
     completion_tokens: int | None = None    # completion budget for a request without max_tokens (else defaults')
+    miss_cost_usd: float = 0.0              # price of a missed TTFT or TPOT target (the expected_money scorer)
 
 
 class RateLimits(msgspec.Struct, **STRICT):
@@ -360,6 +361,8 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
     for name, cls in policy.slo_classes.items():
         if cls.completion_tokens is not None and cls.completion_tokens < 1:
             errs.append((f"$.slo_classes.{name}.completion_tokens", "must be >= 1"))
+        if not 0 <= cls.miss_cost_usd < float("inf"):
+            errs.append((f"$.slo_classes.{name}.miss_cost_usd", "must be >= 0"))
     for name, tenant in policy.tenants.items():
         if tenant.completion_tokens is not None and tenant.completion_tokens < 1:
             errs.append((f"$.tenants.{name}.completion_tokens", "must be >= 1"))

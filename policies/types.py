@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -21,6 +21,7 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     tpot_target_s: float | None = None    # from the SLO class or x-slo-tpot-ms
     expected_output_tokens: float | None = None  # the route's running mean of real completion lengths
     degrade_tiers: frozenset[str] | None = None  # tenant near its budget: prefer these tiers where feasible
+    miss_cost_usd: float = 0.0            # the SLO class's price of a missed TTFT or TPOT target (expected_money)
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +62,8 @@ class RoutingDecision(msgspec.Struct, kw_only=True):
     totals: dict[str, float]                      # candidate key -> weighted total
     reasons: list[PluginResult]
     rejected: dict[str, str]                      # candidate key -> filter that dropped it
+    estimates: dict[str, dict[str, float]] = {}   # candidate key -> figure -> value, from scorers that
+    #                                               predict (expected_money: usd, ttft_s, tpot_s, p_miss, ...)
 
     def summary(self) -> dict[str, object]:
         return {"chosen": self.chosen.key if self.chosen else None,
@@ -91,6 +94,14 @@ class Scorer(Protocol):
     name: str
 
     def score(self, req: RoutingRequest, cands: list[Candidate]) -> tuple[list[float], str]: ...
+
+
+@runtime_checkable
+class EstimatingScorer(Scorer, Protocol):
+    """A scorer that also tells what it predicted per candidate; the engine calls this instead of `score`."""
+
+    def score_estimates(self, req: RoutingRequest,
+                        cands: list[Candidate]) -> tuple[list[float], str, list[dict[str, float]]]: ...
 
 
 class Picker(Protocol):

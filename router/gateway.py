@@ -181,6 +181,7 @@ class Gateway:
                               tenant_tiers=tenant_tiers, prompt_tokens=counts, max_tokens=limit,
                               default_completion_tokens=pol.defaults.completion_tokens,
                               slo_class=slo_class, ttft_target_s=ttft_target, tpot_target_s=tpot_target,
+                              miss_cost_usd=cls.miss_cost_usd if (cls := pol.slo_classes.get(slo_class)) else 0.0,
                               expected_output_tokens=self._expected_output(route_name),
                               degrade_tiers=self._degrade(pol, tenant))
         decision = v.profiles[route.profile].decide(rreq, self.registry.candidates(tiers, cached))

@@ -34,8 +34,8 @@ def test_demo_policy_loads() -> None:
     ("old", "new", "path"),
     [
         ("max_model_len: 32768", "max_model_len: lots", "$.tiers.balanced.max_model_len"),
-        ("    profile: cheapest\n  qwen3-1.7b", "    profile: nope\n  qwen3-1.7b", "$.routes.auto.profile"),
-        ("{type: load, weight: 1.0", "{type: lod, weight: 1.0", "$.profiles.cheapest.scorers[2].type"),
+        ("    profile: money\n  qwen3-1.7b", "    profile: nope\n  qwen3-1.7b", "$.routes.auto.profile"),
+        ("{type: load, weight: 1.0", "{type: lod, weight: 1.0", "$.profiles.weighted.scorers[2].type"),
         ("tiers: [fast, balanced, long]", "tiers: [fast, turbo, long]", "$.routes.auto.tiers[1]"),
         ("  relaxed: {ttft_ms: 10000,", "  relaxed: {ttfb_ms: 10000,", "$.slo_classes.relaxed.ttfb_ms"),
     ],
@@ -122,7 +122,7 @@ def test_picker_conformance(name: str, req: RoutingRequest, cands: list[Candidat
 
 def test_cost_and_load_choose_cheapest_then_least_loaded() -> None:
     policy = load_policy(DEMO)
-    prof = Profile.from_spec("cheapest", policy.profiles["cheapest"])
+    prof = Profile.from_spec("weighted", policy.profiles["weighted"])
     req = RoutingRequest(request_id="r", tenant="demo", virtual_model="auto", route_tiers=("fast", "balanced", "long"),
                          tenant_tiers=None, prompt_tokens={"fast": 100, "balanced": 100, "long": 100}, max_tokens=64,
                          default_completion_tokens=1024)

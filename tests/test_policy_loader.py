@@ -55,7 +55,7 @@ def test_scalars_read_as_yaml_safe_load_reads_them() -> None:
     text = edited("{type: load, weight: 1.0, params: {scale: 8}}", f"{{type: load, weight: 1.0, params: {params}}}")
     raw, _root = load_yaml(text, Policy, "p.yaml")
     assert raw == yaml.safe_load(text)
-    got = raw["profiles"]["cheapest"]["scorers"][2]["params"]
+    got = raw["profiles"]["weighted"]["scorers"][2]["params"]
     assert (got["a"], got["b"], got["c"], got["l"], got["h"]) == (31, 15, 1000, "017", None)
     assert math.isinf(got["f"]) and got["g"] == 1500.0
 
@@ -91,13 +91,14 @@ def test_duplicate_key_in_list_items_flow_and_block() -> None:
     text = edited("{type: load, weight: 1.0,", "{type: load, weight: 1.0, weight: 3.0,")
     err = refused(text)
     line = line_of(text, "{type: load, weight")
-    assert err.path == "$.profiles.cheapest.scorers[2].weight" and err.line == line
+    assert err.path == "$.profiles.weighted.scorers[2].weight" and err.line == line
     assert "duplicate key 'weight'" in str(err)
 
-    text = edited("      - {type: tier_allowed}\n", "      - type: tier_allowed\n        type: healthy\n")
+    weighted = "  weighted:\n    filters:\n      - {type: tier_allowed}\n"     # both profiles open with it
+    text = edited(weighted, weighted.replace("- {type: tier_allowed}", "- type: tier_allowed\n        type: healthy"))
     err = refused(text)
     first = line_of(text, "- type: tier_allowed")
-    assert err.path == "$.profiles.cheapest.filters[0].type" and err.line == first + 1
+    assert err.path == "$.profiles.weighted.filters[0].type" and err.line == first + 1
     assert f"duplicate key 'type' (first at line {first})" in str(err)
 
 
@@ -189,7 +190,7 @@ def test_alias_bomb_is_refused_without_expanding() -> None:
     text = edited("{type: load, weight: 1.0, params: {scale: 8}}",
                   "{type: load, weight: 1.0, params: {" + ", ".join(rows) + "}}")
     err = refused(text)    # params is free-form (dict[str, Any]): only the anchor rule stops it
-    assert err.path == "$.profiles.cheapest.scorers[2].params.a0" and err.line == line_of(text, "&a0")
+    assert err.path == "$.profiles.weighted.scorers[2].params.a0" and err.line == line_of(text, "&a0")
     assert "YAML anchors (&a0) are not allowed" in str(err)
 
 

@@ -1,68 +1,75 @@
-"""Filter `slo_feasible`, and the TTFT predictor it uses.
+"""Filter `slo_feasible`: keep candidates predicted to meet the request's TTFT and TPOT targets.
 
-Predictor (pure): predicted TTFT on a candidate =
-    (pending_tokens + others * mean_uncached_tokens + uncached) / prefill_tps
-where uncached = prompt_tokens - cached_tokens (the affinity index's expectation),
-pending_tokens = the uncached prompt tokens of the requests this router sent there
-that have not had their first token yet (exact, counted at dispatch), others = the
-engine's scraped waiting requests beyond those (other replicas' traffic) times the
-tier's running mean of uncached prompt tokens per request, and prefill_tps the
-tier's prefill rate: seeded by the policy's
-`prefill_tokens_per_s`, then learned from the tier's own responses (TTFT of requests
-sent to an idle instance). Decode work sharing the batch is not modelled. A
-candidate whose tier has no known rate is not predicted (it passes).
+Predictors (policies/predict.py, re-exported here): predicted TTFT from the queue ahead and the
+prompt's uncached part at the tier's prefill rate; predicted TPOT from the tier's observed time per
+output token, scaled to the decode batch the request would join (running + pending + 1) by the step
+model a + b x batch (`decode_knee` = a / b). A prediction whose rate is unknown is not made, and that
+target does not count against the candidate (it passes).
 
-Filter: keep candidates whose predicted TTFT <= the request's TTFT target x
-`margin`. Requests without a target pass untouched. If none is feasible:
-  fallback "least_late" keeps the candidate(s) with the least predicted lateness
-  (within 5%), so the request is still served as well as possible;
+Filter: keep candidates whose predicted TTFT <= the TTFT target x `margin` and predicted TPOT <= the
+TPOT target x `margin`. A request without either target passes untouched. If none is feasible:
+  fallback "least_late" keeps the candidate(s) with the least predicted lateness (within 5%), lateness
+  being the larger of predicted / (target x margin) - 1 over the targets it has predictions for, so the
+  request is still served as well as possible;
   fallback "reject" keeps none, and the router answers 503 with Retry-After.
 Parameters:
-  margin (float > 0, default 1.0): multiplies the target (0.8 = keep 20% headroom).
+  margin (float > 0, default 1.0): multiplies both targets (0.8 = keep 20% headroom).
   fallback ("least_late" | "reject", default "least_late").
+  decode_knee (float > 0, default 32): the TPOT model's a / b (policies/predict.py).
 """
 
 from __future__ import annotations
 
+from policies.predict import observed_batches, predicted_tpot_s
+from policies.predict import predicted_ttft_s as predicted_ttft_s
+from policies.predict import queued_requests as queued_requests
 from policies.types import Candidate, RoutingRequest
 
 
-def queued_requests(c: Candidate) -> int:
-    """Requests ahead of a new one: ours still prefilling, plus the engine's other waiting ones."""
-    return c.pending_requests + max(0, c.waiting - c.pending_requests)
-
-
-def predicted_ttft_s(req: RoutingRequest, c: Candidate) -> float | None:
-    if c.prefill_tps <= 0:
-        return None
-    prompt = req.prompt_tokens.get(c.tier, 0)
-    uncached = max(prompt - min(c.cached_tokens, prompt), 1)
-    others = queued_requests(c) - c.pending_requests
-    return (c.pending_tokens + others * c.mean_uncached_tokens + uncached) / c.prefill_tps
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1000:.0f} ms"
 
 
 class SloFeasible:
     name = "slo_feasible"
 
-    def __init__(self, margin: float = 1.0, fallback: str = "least_late") -> None:
+    def __init__(self, margin: float = 1.0, fallback: str = "least_late", decode_knee: float = 32.0) -> None:
         if margin <= 0:
             raise ValueError("margin must be > 0")
         if fallback not in ("least_late", "reject"):
             raise ValueError("fallback must be 'least_late' or 'reject'")
+        if decode_knee <= 0:
+            raise ValueError("decode_knee must be > 0")
         self.margin = margin
         self.fallback = fallback
+        self.decode_knee = decode_knee
+
+    def lateness(self, req: RoutingRequest, cands: list[Candidate]) -> list[float | None]:
+        """Per candidate: the largest predicted / target - 1 (<= 0 is on time); None: nothing predicted."""
+        ttft_t = None if req.ttft_target_s is None else req.ttft_target_s * self.margin
+        tpot_t = None if req.tpot_target_s is None else req.tpot_target_s * self.margin
+        ref = observed_batches(cands) if tpot_t is not None else {}
+        out: list[float | None] = []
+        for c in cands:
+            late: float | None = None
+            for pred, target in ((predicted_ttft_s(req, c) if ttft_t is not None else None, ttft_t),
+                                 (predicted_tpot_s(c, ref[c.tier], self.decode_knee) if ref else None, tpot_t)):
+                if pred is not None and target is not None:
+                    r = pred / target - 1.0 if target > 0 else float("inf")
+                    late = r if late is None else max(late, r)
+            out.append(late)
+        return out
 
     def filter(self, req: RoutingRequest, cands: list[Candidate]) -> tuple[list[Candidate], str]:
-        if req.ttft_target_s is None or not cands:
-            return list(cands), "no TTFT target"
-        target = req.ttft_target_s * self.margin
-        preds = [predicted_ttft_s(req, c) for c in cands]
-        keep = [c for c, p in zip(cands, preds, strict=True) if p is None or p <= target]
+        if (req.ttft_target_s is None and req.tpot_target_s is None) or not cands:
+            return list(cands), "no SLO target"
+        within = f"within ttft {_ms(req.ttft_target_s)} / tpot {_ms(req.tpot_target_s)} x {self.margin:g}"
+        late = self.lateness(req, cands)
+        keep = [c for c, x in zip(cands, late, strict=True) if x is None or x <= 0]
         if keep:
-            return keep, f"{len(keep)}/{len(cands)} predicted within {target * 1000:.0f} ms"
+            return keep, f"{len(keep)}/{len(cands)} predicted {within}"
         if self.fallback == "reject":
-            return [], f"none predicted within {target * 1000:.0f} ms: reject"
-        late = [p - target for p in preds if p is not None]
-        least = min(late)
-        keep = [c for c, p in zip(cands, preds, strict=True) if p is not None and p - target <= least * 1.05]
-        return keep, f"none within {target * 1000:.0f} ms: least late by {least * 1000:.0f} ms"
+            return [], f"none predicted {within}: reject"
+        least = min(x for x in late if x is not None)
+        keep = [c for c, x in zip(cands, late, strict=True) if x is not None and x <= least * 1.05]
+        return keep, f"none predicted {within}: least late by {least:.0%}"
