@@ -133,8 +133,10 @@ class TierTokenizer:
             if got is None:
                 try:
                     got = await self.encode(seg, executor, limit=None if limit is None else max(0, limit - len(ids)))
-                except PromptTooLong as exc:
-                    raise PromptTooLong(limit or 0, len(ids) + exc.counted, sum(len(s) for s in segments)) from None
+                except PromptTooLong as exc:   # this segment alone has more than the tokens left
+                    assert limit is not None
+                    raise PromptTooLong(limit, max(len(ids) + exc.counted, limit + 1),
+                                        sum(len(s) for s in segments)) from None
                 self._segments.put(seg, got)
             ids.extend(got)
             if limit is not None and len(ids) > limit and i < len(segments) - 1:
@@ -211,8 +213,9 @@ class TierTokenizer:
             self.stats.add(sum(len(p) for p in pieces))
             for part in parts:
                 ids.extend(part)
-            if limit is not None and not cursor.done and len(ids) - CUT_SLACK * cursor.cuts > limit:
-                raise PromptTooLong(limit, len(ids), len(text))
+            proven = len(ids) - CUT_SLACK * cursor.cuts   # a lower bound on the whole text's tokens
+            if limit is not None and not cursor.done and proven > limit:
+                raise PromptTooLong(limit, proven, len(text))
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -59,12 +59,13 @@ class PromptTokenizer:
     def _too_long(self, exc: PromptTooLong, field: str, model: str, tok: TierTokenizer) -> ApiError:
         self.cache.stats.refused("chars" if exc.counted == 0 else "tokens")
         if exc.counted == 0 and tok.bounds is not None:
-            why = (f"its {exc.chars} characters can't be {exc.limit} tokens or fewer (one token stands for at "
-                   f"most {tok.bounds.chars_per_token:g} characters with this tokenizer)")
+            what = (f"the {exc.chars} characters in '{field}' are more than {exc.limit} tokens can hold (one token "
+                    f"stands for at most {tok.bounds.chars_per_token:g} characters with this tokenizer), so they")
         else:
-            why = f"tokenizing stopped after {exc.counted} tokens, with {exc.chars} characters in all"
-        return ApiError(400, f"the prompt in '{field}' has more tokens than the largest context available for "
-                             f"model '{model[:200]}' ({exc.limit} tokens): {why}",
+            what = (f"at least {exc.counted} prompt tokens in '{field}' (tokenizing stopped there, {exc.chars} "
+                    f"characters in all)")
+        return ApiError(400, f"{what} exceed the largest context available for model '{model[:200]}' "
+                             f"({exc.limit} tokens)",
                         param=field, code="context_length_exceeded")
 
     async def chat_ids(self, tiers: tuple[str, ...], req: ChatRequest, raw: dict[str, Any]) -> dict[str, list[int]]:

@@ -77,7 +77,8 @@ async def test_tier_choice_by_exact_prompt_tokens(stack: Stack, model: str) -> N
                 assert r.status_code == 400, r.text
                 err = r.json()["error"]
                 assert err["code"] == "context_length_exceeded"
-                assert re.search(r"\b5\d{4} prompt tokens", err["message"]) and "40960" in err["message"]
+                assert re.search(r"\b5\d{4} prompt tokens|at least 4\d{4} prompt tokens", err["message"])
+                assert "40960" in err["message"]   # "at least": tokenizing stopped once past it
             else:
                 assert r.status_code == 200, r.text
                 assert r.headers["x-tiergate-tier"] == expected, (size, r.headers["x-tiergate-tier"])
@@ -131,7 +132,8 @@ def test_context_too_long_everywhere_is_400_naming_tokens(stack: Stack) -> None:
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded"
-    assert "262144" in err["message"] and re.search(r"\b27\d{4} prompt tokens", err["message"])
+    count = re.search(r"\b(\d+) prompt tokens", err["message"])  # exact, or "at least" where tokenizing stopped
+    assert "262144" in err["message"] and count is not None and int(count.group(1)) > 262144
 
 
 def test_unknown_paths_and_ops_endpoints(stack: Stack) -> None:
