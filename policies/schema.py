@@ -58,6 +58,8 @@ class TierSpec(msgspec.Struct, **STRICT):
     block_size: int = 16
     gpu_cost_per_hour: float | None = None
     prefill_tokens_per_s: float | None = None   # seeds the TTFT predictor until responses teach it
+    first_byte_timeout_s: float | None = None   # fixed first-byte deadline (else derived: router/deadlines.py)
+    stall_timeout_s: float | None = None        # fixed inter-chunk deadline of streams (else derived)
     description: str = ""
     instances: list[InstanceSpec] = []
     simulate: SimulateSpec | None = None
@@ -260,8 +262,9 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
         base = f"$.tiers.{name}"
         if tier.max_model_len <= 0:
             errs.append((f"{base}.max_model_len", "must be > 0"))
-        if tier.prefill_tokens_per_s is not None and tier.prefill_tokens_per_s <= 0:
-            errs.append((f"{base}.prefill_tokens_per_s", "must be > 0"))
+        for knob in ("prefill_tokens_per_s", "first_byte_timeout_s", "stall_timeout_s"):
+            if (v := getattr(tier, knob)) is not None and not 0 < v < float("inf"):
+                errs.append((f"{base}.{knob}", "must be > 0"))
         if tier.block_size not in (1, 8, 16, 32, 64, 128):
             errs.append((f"{base}.block_size", "must be one of 1, 8, 16, 32, 64, 128"))
         for price in ("input", "cached_input", "output"):

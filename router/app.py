@@ -29,6 +29,7 @@ from policies.schema import InstanceSpec, Policy, load_policy
 from router.accounting import Accountant
 from router.affinity_store import AffinityStore, Breaker
 from router.budget_store import BudgetStore
+from router.deadlines import Deadlines
 from router.drain import DrainController
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
@@ -120,6 +121,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                  affinity_store=aff_store, accountant=accountant)
     drain = drain or DrainController(settings.drain_grace_s, settings.drain_timeout_s)
     gw.forwarder.cuts = drain.cuts  # streams the drain may cut at its deadline
+    gw.forwarder.deadlines = Deadlines.from_settings(settings)   # first byte and stall (router/deadlines.py)
+    gw.forwarder.on_fault = metrics.upstream_fault
     state: dict[str, Any] = {"redis_ok": False}
     jobs: set[asyncio.Task[object]] = set()  # short background jobs that shutdown waits for
     kv_tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}

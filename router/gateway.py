@@ -217,7 +217,7 @@ class Gateway:
 
         try:
             up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out,
-                                           done, counts)
+                                           done, counts, slo=rreq)
         except BaseException:
             if not closed[0]:  # cancelled before any answer (client gone): release the reservation
                 out.status = out.status or 499

@@ -104,6 +104,15 @@ class RouterMetrics:
                                  registry=r)
         self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
                              registry=r)
+        self.upstream_faults = Counter("tiergate_upstream_faults", "Backend faults (router/proxy.py): "
+                                       "first_byte_timeout, stall_timeout, malformed, error (the backend's error "
+                                       "event), broken (a stream cut after its first byte).",
+                                       ["tier", "instance", "kind"], registry=r)
+        self.queries_of_death = Counter("tiergate_queries_of_death", "Requests that failed on two instances and "
+                                        "were not retried further (no instance counted as failing).", ["tier"],
+                                        registry=r)
+        self.ejections = Counter("tiergate_instance_ejections", "Outlier ejections of an instance "
+                                 "(backends/resilience.py).", ["tier", "instance"], registry=r)
 
         self.tokenized_chars = Counter("tiergate_tokenized_chars", "Prompt characters handed to the tokenizer.",
                                        registry=r)
@@ -157,6 +166,15 @@ class RouterMetrics:
         child(self.latency, tier).observe(latency)
         if ttft is not None:
             child(self.ttft, tier).observe(ttft)
+
+    def upstream_fault(self, tier: str, instance: str, kind: str) -> None:
+        """The forwarder's fault hook (router/relay.py `Relay.on_fault`)."""
+        if kind == "query_of_death":
+            self.child(self.queries_of_death, tier).inc()
+        elif kind == "ejected":
+            self.child(self.ejections, tier, instance).inc()
+        else:
+            self.child(self.upstream_faults, tier, instance, kind).inc()
 
     def long_prompt_done(self, result: str, waited_s: float) -> None:
         self.child(self.long_prompts, result).inc()

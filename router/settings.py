@@ -20,6 +20,18 @@ class Settings(msgspec.Struct, kw_only=True):
     max_body_bytes: int = 32 * 1024 * 1024
     upstream_connect_timeout_s: float = 2.0
     upstream_read_timeout_s: float = 300.0
+    # upstream deadlines (router/deadlines.py): first byte = clamp(factor x max(predicted TTFT, TTFT target,
+    # tier mean TTFT), min, max); a policy tier may fix it (`first_byte_timeout_s`)
+    first_byte_factor: float = 3.0
+    first_byte_min_s: float = 5.0
+    first_byte_max_s: float = 120.0
+    first_byte_assumed_prefill_tps: float = 2000.0   # predicts TTFT for a tier whose prefill rate is not known yet
+    # between stream chunks: clamp(factor x max(TPOT target, tier mean TPOT), min, max), else the default;
+    # a policy tier may fix it (`stall_timeout_s`)
+    stall_factor: float = 200.0
+    stall_min_s: float = 15.0
+    stall_max_s: float = 120.0
+    stall_default_s: float = 30.0
     redis_timeout_s: float = 0.05
     affinity_timeout_s: float = 0.05        # one lookup round trip; past it, route without affinity
     affinity_breaker_failures: int = 3      # consecutive failures that open the affinity breaker

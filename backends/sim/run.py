@@ -83,10 +83,17 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--error-status", type=int, default=500)
     p.add_argument("--rate-limit-rate", type=float, default=0.0)
     p.add_argument("--retry-after", type=int, default=1)
-    p.add_argument("--hang-before-headers", type=float, default=0.0)
-    p.add_argument("--stall-between-chunks", type=float, default=0.0)
+    p.add_argument("--hang-before-headers", type=float, default=0.0, help="seconds to sleep before any header")
+    p.add_argument("--hang-after-headers", type=float, default=0.0,
+                   help="streams: seconds to sleep after the 200 and its headers, before the first event")
+    p.add_argument("--stall-between-chunks", type=float, default=0.0, help="seconds to sleep between chunks")
+    p.add_argument("--stall-at-chunk", type=int, default=0,
+                   help="N > 0: the stall happens once, before chunk N, instead of between every chunk")
     p.add_argument("--cut-after-chunks", type=int, default=0)
-    p.add_argument("--malformed", default="", choices=["", "json", "sse"])
+    p.add_argument("--malformed", default="", choices=["", "json", "sse"],
+                   help="json: a truncated body; sse: a broken event after the first")
+    p.add_argument("--fail-on-input", default="", metavar="SUBSTRING",
+                   help="answer 500 to any request whose body contains SUBSTRING (a query of death)")
     p.add_argument("--slow-start", type=float, default=0.0)
     p.add_argument("--kv-events-config", default=None,
                    help='vLLM\'s JSON, e.g. {"enable_kv_cache_events": true, "publisher": "zmq", '
@@ -99,9 +106,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 def run_sim_cli(args: argparse.Namespace) -> None:
     faults = Faults(error_rate=args.error_rate, error_status=args.error_status,
                     rate_limit_rate=args.rate_limit_rate, retry_after_s=args.retry_after,
-                    hang_before_headers_s=args.hang_before_headers,
-                    stall_between_chunks_s=args.stall_between_chunks, cut_after_chunks=args.cut_after_chunks,
-                    malformed=args.malformed, slow_start_s=args.slow_start)
+                    hang_before_headers_s=args.hang_before_headers, hang_after_headers_s=args.hang_after_headers,
+                    stall_between_chunks_s=args.stall_between_chunks, stall_at_chunk=args.stall_at_chunk,
+                    cut_after_chunks=args.cut_after_chunks, malformed=args.malformed,
+                    fail_on_input=args.fail_on_input, slow_start_s=args.slow_start)
     faults.validate()
 
     async def main() -> None:

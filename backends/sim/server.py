@@ -285,8 +285,11 @@ class SimServer:
         if injected is not None:
             ra = f.retry_after_s if injected in (429, 503) else None
             return error(injected, f"injected fault: HTTP {injected}", retry_after=ra)
+        raw = await request.read()
+        if f.poisoned(raw):
+            return error(500, "injected fault: this input fails (query of death)")
         try:
-            p = await self._parse(await request.read(), chat)
+            p = await self._parse(raw, chat)
         except BadRequest as exc:
             return error(400, str(exc), exc.param)
         except LookupError as exc:
@@ -341,6 +344,8 @@ class SimServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        if hang := self.faults.hang_after_headers_s:
+            await asyncio.sleep(hang)
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = f'data: {{"id":"{req.request_id}","object":"{obj}","created":{created},"model":"{self.model}",'
@@ -350,8 +355,8 @@ class SimServer:
 
         async def emit(piece: str, tokens: int = 0) -> None:
             nonlocal chunks
-            if f.stall_between_chunks_s > 0 and chunks > 0:
-                await asyncio.sleep(f.stall_between_chunks_s)
+            if stall := f.stall_before(chunks):
+                await asyncio.sleep(stall)
             await resp.write(piece.encode())
             self.engine.stats.delivered_tokens += tokens
             chunks += 1
