@@ -8,7 +8,8 @@ except that roles are OpenAI's (vLLM also takes custom roles; its chat templates
 
 `check_nesting(raw)` bounds JSON nesting before the body is decoded: the decoder recurses, and
 thousands of `[` would end in a RecursionError. One `bytes.count` per bracket kind on the
-hot path; a precise scan (strings skipped) runs only when the counts exceed the bound.
+hot path; a precise scan (strings skipped) runs only when the counts exceed the bound, in linear
+time and memory whatever the body (30 MB of bracketed text: 0.05 s; 10M bare `[]`: 0.2 s).
 """
 
 from __future__ import annotations
@@ -21,22 +22,32 @@ from router.errors import ApiError
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_DEPTH = 64
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 _INT64 = (-(2**63), 2**63 - 1)
 
 
 def check_nesting(raw: bytes, limit: int = MAX_DEPTH) -> None:
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return
-    depth = 0
-    for m in _TOKENS.finditer(raw):
-        c = m.group()[0]
-        if c in b"[{":
-            depth += 1
-            if depth > limit:
+    # Escapes out of the way first, so that every '"' left delimits a string; strings dropped; brackets
+    # alone kept; then the depth is followed `limit - depth` brackets at a time, which can't pass the
+    # limit inside a step. (The regex `"(?:[^"\\]|\\.)*"` saved state per character: a 30 MB string
+    # of bracketed text took 14 s and 3.7 GB; a Python loop per bracket took 4 s for 10M of them.)
+    text = raw.replace(b"\\\\", b"__").replace(b'\\"', b"__") if b"\\" in raw else raw
+    seq = _STRING.sub(b"", text).translate(_BRACKETS, _NOT_BRACKETS)
+    depth = pos = 0
+    while pos < len(seq):
+        step = limit - depth
+        if step <= 0:
+            if seq[pos] == 0x5B:   # "[" (or "{")
                 raise ApiError(400, f"request body nests JSON deeper than {limit} levels", code="invalid_json")
-        elif c in b"]}":
-            depth -= 1
+            depth, pos = depth - 1, pos + 1
+            continue
+        chunk = seq[pos:pos + step]
+        depth += 2 * chunk.count(b"[") - len(chunk)
+        pos += step
 
 
 def _bad(field: str, what: str, value: Any) -> ApiError:

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backends.health import wait_http_ok
 from backends.registry import Registry
@@ -33,8 +35,10 @@ from backends.token_bounds import (
 from backends.tokenization import TierTokenizer, TokenizerCache
 from backends.valkey import free_port
 from policies.schema import load_policy
+from router.errors import ApiError
 from router.limits import JSON_ESCAPE, JSON_SLACK, derived_body_limit
 from router.live_policy import build_view
+from router.request_checks import check_nesting
 from tests.conftest import DEMO_KEY, ROOT
 from tests.test_policies import DEMO
 
@@ -327,3 +331,39 @@ async def test_fifo_gate_serves_in_order_and_sheds_past_its_queue() -> None:
     release.set()
     await asyncio.gather(first, waiting[1])
     assert order == [0, 2] and gate.running == 0 and gate.waiting == 0
+
+
+# ---- JSON nesting (router/request_checks.py) ----------------------------------------------------------
+
+def test_deep_json_is_400_and_bracketed_text_is_not_deep(router: str) -> None:
+    r = httpx.post(router + "/v1/chat/completions", content=b"[" * 10_000 + b"]" * 10_000, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(router + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": "qwen3-1.7b", "max_tokens": 1, "messages": [{"role": "user", "content": '[[{{\\"' * 5_000}]})
+    assert r.status_code == 200, r.text
+
+
+def _depth(o: object) -> int:
+    if isinstance(o, list):
+        return 1 + max((_depth(x) for x in o), default=0)
+    if isinstance(o, dict):
+        return 1 + max((_depth(x) for x in o.values()), default=0)
+    return 0
+
+
+tricky = st.text(alphabet='[]{}"\\ a\u00e9', max_size=6)
+nested = st.recursive(tricky | st.integers() | st.none(),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(tricky, inner, max_size=3),
+                      max_leaves=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=nested, ascii_only=st.booleans(), limit=st.integers(1, 6))
+def test_nesting_check_agrees_with_the_real_depth(doc: object, ascii_only: bool, limit: int) -> None:
+    raw = json.dumps(doc, ensure_ascii=ascii_only).encode()
+    try:
+        check_nesting(raw, limit)
+        refused = False
+    except ApiError:
+        refused = True
+    assert refused == (_depth(doc) > limit)
