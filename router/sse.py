@@ -46,10 +46,13 @@ def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
 
 
 def check_event(event: bytes) -> Kind:
-    data = [ln[5:] for ln in event.split(b"\n") if ln.startswith(b"data:")]
-    if not data:
-        return "empty"  # a comment or keep-alive
-    payload = b"\n".join(d[1:] if d.startswith(b" ") else d for d in data).strip()
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2:   # one data line: vLLM's form
+        payload = event[6:-2].strip()
+    else:
+        data = [ln[5:] for ln in event.split(b"\n") if ln.startswith(b"data:")]
+        if not data:
+            return "empty"  # a comment or keep-alive
+        payload = b"\n".join(d[1:] if d.startswith(b" ") else d for d in data).strip()
     if payload == b"[DONE]":
         return "done"
     try:
