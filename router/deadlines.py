@@ -1,12 +1,13 @@
 """Upstream deadlines: how long a backend may take to its first byte, and between the chunks of a stream.
 
 First byte, per attempt:
-    first_byte_s = clamp(factor x max(predicted TTFT, the request's TTFT target, the tier's mean TTFT),
-                         min_s, max_s)
+    first_byte_s = clamp(factor x max(predicted TTFT, the request's TTFT target), min_s, max_s)
   * predicted TTFT: the `slo_feasible` predictor (policies/plugins/slo_feasible.py) on the candidate,
     so a long prompt or a long queue there gets a longer deadline. A tier that has not learned its
     prefill rate yet is predicted at `assumed_prefill_tps`, a deliberately slow rate, so a long
-    prompt is not cut short before the rate is known;
+    prompt is not cut short before the rate is known. (The tier's observed mean TTFT is left out on
+    purpose: a failed-over request's TTFT includes the deadline it waited out, so a deadline fed by
+    it would grow with every failover);
   * a stream's first byte is its first events, which the forwarder checks before the client gets
     its 200 (vLLM sends its first event with the first token, after prefill:
     vllm/entrypoints/openai/serving_chat.py `chat_completion_stream_generator`, `first_iteration`,
@@ -61,11 +62,10 @@ class Deadlines:
                    body_max_s=s.upstream_read_timeout_s, stall_factor=s.stall_factor, stall_min_s=s.stall_min_s,
                    stall_max_s=s.stall_max_s, stall_default_s=s.stall_default_s)
 
-    def first_byte_s(self, req: RoutingRequest | None, cand: Candidate, tier: TierSpec | None,
-                     mean_ttft_s: float | None = None) -> float:
+    def first_byte_s(self, req: RoutingRequest | None, cand: Candidate, tier: TierSpec | None) -> float:
         if tier is not None and tier.first_byte_timeout_s is not None:
             return tier.first_byte_timeout_s
-        base = mean_ttft_s or 0.0
+        base = 0.0
         if req is not None:
             c = cand if cand.prefill_tps > 0 else msgspec.structs.replace(cand, prefill_tps=self.assumed_prefill_tps)
             base = max(base, predicted_ttft_s(req, c) or 0.0, req.ttft_target_s or 0.0)

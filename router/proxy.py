@@ -181,7 +181,7 @@ class Forwarder(Relay):
         inst.pending_tokens += a.prefill
         rt = self.registry.tiers.get(cand.tier)
         spec = rt.spec if rt is not None else None
-        limit = self.deadlines.first_byte_s(slo, cand, spec, rt.ttft_s.value if rt is not None else None)
+        limit = self.deadlines.first_byte_s(slo, cand, spec)
         if not stream:
             limit = self.deadlines.body_s(slo, cand, limit)
         try:

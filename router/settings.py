@@ -20,8 +20,8 @@ class Settings(msgspec.Struct, kw_only=True):
     max_body_bytes: int = 32 * 1024 * 1024
     upstream_connect_timeout_s: float = 2.0
     upstream_read_timeout_s: float = 300.0
-    # upstream deadlines (router/deadlines.py): first byte = clamp(factor x max(predicted TTFT, TTFT target,
-    # tier mean TTFT), min, max); a policy tier may fix it (`first_byte_timeout_s`)
+    # upstream deadlines (router/deadlines.py): first byte = clamp(factor x max(predicted TTFT, TTFT target),
+    # min, max); a policy tier may fix it (`first_byte_timeout_s`)
     first_byte_factor: float = 3.0
     first_byte_min_s: float = 5.0
     first_byte_max_s: float = 120.0

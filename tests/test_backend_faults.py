@@ -288,7 +288,6 @@ def test_deadlines_follow_the_prediction_the_slo_and_the_tier() -> None:
     queued = msgspec.structs.replace(cand, pending_tokens=150_000)
     assert d.first_byte_s(req, queued, None) == pytest.approx(3 * 150_100 / 10_000)  # a queue ahead of it
     assert d.first_byte_s(long, msgspec.structs.replace(cand, prefill_tps=0.0), None) == 120.0  # rate unknown
-    assert d.first_byte_s(req, cand, None, mean_ttft_s=4.0) == 12.0               # the tier's mean TTFT
     tier = msgspec.structs.replace(load_policy(DEMO).tiers["fast"], first_byte_timeout_s=0.5, stall_timeout_s=2.0)
     assert d.first_byte_s(long, cand, tier) == 0.5 and d.stall_s(req, cand, tier) == 2.0
     assert d.body_s(req, cand, 5.0) == pytest.approx(5.0 + 10 * 0.05 * 3)          # + max_tokens x TPOT x 3
