@@ -13,7 +13,7 @@ a JSON string (a control byte as `\\u00XX`; 2-, 3- and 4-byte characters as 6, 6
 `JSON_SLACK` (1 MiB) covers what is not prompt text: keys, roles, numbers, whitespace, schemas.
 A tier whose tokenizer has no proven bound leaves only the cap. The bound is loose (Qwen3: 2,304
 bytes a token), so with the demo's 262,144-token tier the 32 MiB cap decides; a policy whose
-largest context is 8,192 tokens gets 19.9 MiB. The limit follows policy reloads (it is computed
+largest context is 8,192 tokens gets 19 MiB. The limit follows policy reloads (it is computed
 per policy version).
 
 The body is refused with 413 before any of it is read when `Content-Length` says too much, and
