@@ -9,7 +9,9 @@ loopback port, runs each figure, prints it, and stops the router. Figures:
 * `header_abuse_rss`: router RSS growth from 100 connections each sending 2 MB of unfinished header;
 * `slowloris`: 500 connections that send a header line a second: how many the router still holds
   after the header timeout (target 0);
-* `reload_health`: /health latency while a 1 MB policy reloads (bench/hardening_reload.py).
+* `reload_health`: /health latency while a 1 MB policy reloads (bench/hardening_reload.py);
+* `hung_backend`, `garbage_backend`: the longest client wait behind a hung backend, and the share of
+  requests failed with one of two instances answering garbage (bench/hardening_backends.py).
 
 Each figure is a function `(Router) -> dict[str, object]` registered in `FIGURES`; add more
 (backend faults, reloads) the same way, starting their own routers with `Router(env=...)` where
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backends.health import wait_http_ok  # noqa: E402
 from backends.valkey import free_port  # noqa: E402
+from bench.hardening_backends import garbage_backend_figure, hung_backend_figure  # noqa: E402
 from bench.hardening_reload import reload_health_figure  # noqa: E402
 
 KEY = "sk-tiergate-demo"
@@ -251,6 +254,8 @@ FIGURES: list[tuple[str, Callable[[Router], dict[str, object]]]] = [
     ("header_abuse_rss", header_abuse_rss),
     ("slowloris", slowloris),
     ("reload_health", reload_health_figure),     # bench/hardening_reload.py (#12 item 6): own router
+    ("hung_backend", hung_backend_figure),       # bench/hardening_backends.py (#12 item 2): own router
+    ("garbage_backend", garbage_backend_figure),
 ]
 
 
