@@ -7,14 +7,16 @@ A driver calls the stages in order, with a `Pending` that carries the request th
   gather    expected cached tokens per candidate, from the affinity index (one batched lookup: the
             affinity port, Redis live, the in-memory twin in replay);
   decide    the route's profile over the registry's candidates (filters, scorers, picker), or the
-            ApiError that refuses the request (pure);
+            ApiError that refuses the request (pure); `evaluate` decides without refusing (dry-run,
+            explain), `refusal` is the error `decide` would raise;
   admit     reserve the worst case of the tiers it may be sent to (the budget port: `Accountant` over
             Redis or the twin), the completion cap to forward, then a re-decision when a policy reload
             removed every instance it was routed to meanwhile;
   dispatch  the instance's load counts (`dispatched`, `prefilled` at the first token, `released`) and
             what the outcome records of the chosen candidate (`chosen`);
   close_out bill the real usage exactly once, teach the tier's predictors (prefill rate, TTFT, TPOT, the
-            route's output length), count the SLO, settle, metrics and the canonical log line.
+            route's output length), count the SLO, settle, metrics, the canonical log line and the
+            decision record (the `records` sink: router/lifecycle/records.py).
 
 The live driver (router/gateway.py) parses, authenticates and tokenizes before `start`, and forwards
 (router/proxy.py) between `admit` and `close_out`; the replay driver (router/replay/) runs the same
@@ -38,6 +40,7 @@ from router.accounting import Accountant, Admitted, cost_units
 from router.budget_store import FlexBudget, Usage, price_units, usd
 from router.errors import ApiError
 from router.lifecycle.ports import Clock, View
+from router.lifecycle.records import DecisionRecord, RecordSink, served_estimate
 from router.metrics import RouterMetrics
 from router.prefix_hash import PrefixHashes
 from router.relay import Outcome, prefilled
@@ -62,6 +65,8 @@ class Pending:
     cached: dict[str, int] = field(default_factory=dict)   # expected cached tokens by candidate key
     affinity: str = "off"                   # the affinity lookup's status
     decision: RoutingDecision | None = None
+    candidates: list[Candidate] = field(default_factory=list)   # the snapshot the decision was made on
+    notes: dict[str, Any] = field(default_factory=dict)        # driver extras for the log line and record
     aid: str = ""                           # the accounting id: admission, settlement, the ledger record
     wall_ms: int = 0
     overhead: float = 0.0                   # router time before the upstream request was sent
@@ -91,7 +96,8 @@ class Lifecycle:
     def __init__(self, registry: Registry, *, accountant: Accountant | None = None,
                  metrics: RouterMetrics | None = None, max_attempts: int = 3, clock: Clock = time.perf_counter,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-                 new_id: Callable[[], str] = lambda: uuid.uuid4().hex, log: Any = None) -> None:
+                 new_id: Callable[[], str] = lambda: uuid.uuid4().hex, log: Any = None,
+                 records: RecordSink | None = None) -> None:
         self.registry = registry
         self.accountant = accountant
         self.metrics = metrics
@@ -100,6 +106,7 @@ class Lifecycle:
         self.wall_ms = wall_ms
         self.new_id = new_id
         self.log = log                  # the canonical request line; None: no line (replay)
+        self.records = records          # decision records (router/lifecycle/records.py); None: none
 
     # --- start, gather, decide ---------------------------------------------------------------
     def start(self, v: View, rid: str, tenant: str, route: str, tiers: tuple[str, ...],
@@ -121,9 +128,19 @@ class Lifecycle:
         """Expected cached tokens per candidate: one batched lookup in the affinity index."""
         p.cached, p.affinity = await p.view.affinity.lookup(hashes)
 
-    def decide(self, p: Pending) -> RoutingDecision:
+    def evaluate(self, p: Pending) -> RoutingDecision:
+        """The route's profile over a snapshot of the candidates (kept in `p.candidates`); no refusal, no
+        admission: what `decide` and a dry-run both run."""
         route = p.view.policy.routes[p.route]
-        decision = p.view.profiles[route.profile].decide(p.rreq, self.registry.candidates(p.tiers, p.cached))
+        p.candidates = self.registry.candidates(p.tiers, p.cached)
+        return p.view.profiles[route.profile].decide(p.rreq, p.candidates)
+
+    def refusal(self, p: Pending, decision: RoutingDecision) -> ApiError | None:
+        """The error `decide` raises for this decision (None: it chose a candidate)."""
+        return None if decision.chosen is not None else self._no_candidate(p.view.policy, p.rreq, decision)
+
+    def decide(self, p: Pending) -> RoutingDecision:
+        decision = self.evaluate(p)
         if decision.chosen is None:
             raise self._no_candidate(p.view.policy, p.rreq, decision)
         p.decision = decision
@@ -263,9 +280,21 @@ class Lifecycle:
             self.metrics.request_done(out.tier if out.tier is not None else "none", p.tenant, p.route, out.status,
                                       u.prompt, u.cached, u.completion, cost, p.overhead, now - t0,
                                       None if out.first_byte_at is None else out.first_byte_at - t0)
-        if self.log is None:
+        if self.log is None and self.records is None:
             return
         decision = p.decision
+        est = served_estimate(decision, out.tier, out.instance)
+        tpot = (now - out.first_token_at) * 1000 / (u.completion - 1) \
+            if out.first_token_at is not None and u.completion > 1 and out.status == 200 else None
+        if self.records is not None:
+            self.records.write(DecisionRecord(
+                request_id=p.rid, at_ms=u.at_ms, tenant=p.tenant, route=p.route, slo_class=p.rreq.slo_class,
+                decision=decision, tier=out.tier, instance=out.instance, status=out.status, est=est, cost_usd=cost,
+                ttft_ms=u.ttft_ms, tpot_ms=tpot, latency_ms=u.latency_ms, prompt_tokens=u.prompt,
+                cached_tokens=u.cached, completion_tokens=u.completion, notes=p.notes))
+        if self.log is None:
+            return
+        pred_ttft, pred_tpot = est.get("ttft_s"), est.get("tpot_s")
         self.log.info("request", request_id=p.rid, accounting_id=p.aid or None, tenant=p.tenant, route=p.route,
                       tier=out.tier, instance=out.instance, status=out.status, prompt_tokens=u.prompt,
                       completion_tokens=u.completion, cached_tokens=u.cached, cost_usd=round(cost, 8),
@@ -274,4 +303,8 @@ class Lifecycle:
                       attempts=out.attempts, failed=out.failed or None, error=out.error, affinity=p.affinity,
                       expected_cached_tokens=out.expected_cached,
                       decision=decision.summary() if decision is not None else None,
-                      slo_class=p.rreq.slo_class, slo_met=u.slo_met)
+                      slo_class=p.rreq.slo_class, slo_met=u.slo_met,
+                      est_cost_usd=round(est["usd"], 9) if "usd" in est else None,
+                      pred_ttft_ms=None if pred_ttft is None else round(pred_ttft * 1000, 2),
+                      pred_tpot_ms=None if pred_tpot is None else round(pred_tpot * 1000, 3),
+                      tpot_ms=None if tpot is None else round(tpot, 3), **p.notes)
