@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.schema import Policy, TenantSpec, TierSpec
-from router.budget_store import COST_SCALE, Admission, BudgetStore, FlexBudget, Usage, price_units, usd
+from router.budget_store import COST_SCALE, Admission, FlexBudget, Usage, price_units, usd
 from router.errors import ApiError
 from router.journal import Journal
+from router.lifecycle.ports import BudgetLedger
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 
@@ -87,7 +88,7 @@ class _Share:
 
 
 class Accountant:
-    def __init__(self, policy: Policy, store: BudgetStore | None, journal: Journal, metrics: RouterMetrics, *,
+    def __init__(self, policy: Policy, store: BudgetLedger | None, journal: Journal, metrics: RouterMetrics, *,
                  timeout_s: float = 0.1, settle_timeout_s: float = 1.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.policy = policy

@@ -16,14 +16,14 @@ from concurrent.futures import Executor
 
 from backends.registry import Registry
 from policies.schema import Policy
-from router.affinity_store import AffinityStore
+from router.lifecycle.ports import AffinityIndex
 from router.prefix_hash import PrefixHashes, prefix_hashes, tier_seed
 
 OFFLOAD_TOKENS = 32_768  # hash longer prompts in the executor, not on the event loop
 
 
 class Affinity:
-    def __init__(self, policy: Policy, registry: Registry, store: AffinityStore | None, executor: Executor) -> None:
+    def __init__(self, policy: Policy, registry: Registry, store: AffinityIndex | None, executor: Executor) -> None:
         self.registry = registry
         self.store = store
         self.executor = executor

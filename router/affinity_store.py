@@ -13,8 +13,9 @@ scores evicts least-recently-used chains tail first, like vLLM's block pool.
   than the TTL, trim to the instance's KV capacity in blocks, and PEXPIRE the key.
 * `remove` / `clear`: engine KV events (BlockRemoved, AllBlocksCleared).
 
-Scripts use Redis' TIME, so every replica shares one clock. All keys share one hash
-tag, so the scripts also run on a Redis Cluster.
+Scripts use Redis' TIME, so every replica shares one clock (a test may inject one, `clock_ms`). All
+keys share one hash tag, so the scripts also run on a Redis Cluster. router/replay/affinity_twin.py is
+the in-memory twin (tests/test_store_contract.py runs both alike).
 
 Failure mode: affinity fails open. Every call has a short timeout; failures feed a
 circuit breaker (closed -> open for `cooldown_s` after `failures` consecutive errors
@@ -34,14 +35,22 @@ import redis.asyncio as aioredis
 
 from router.logs import get_logger
 
-_LOOKUP = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local min_score = (now_ms - tonumber(ARGV[1])) * 1024 - 1024
+_NOW = """
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# ARGV: now ms ('' = Redis TIME), ttl ms, groups, then per group: instance count, hash count, hashes
+_LOOKUP = _NOW + """
+local now_ms = now_ms(ARGV[1])
+local min_score = (now_ms - tonumber(ARGV[2])) * 1024 - 1024
 local out = {}
-local a = 3
+local a = 4
 local k = 1
-for g = 1, tonumber(ARGV[2]) do
+for g = 1, tonumber(ARGV[3]) do
   local nkeys = tonumber(ARGV[a]); local nh = tonumber(ARGV[a + 1]); local h0 = a + 1
   a = a + 2 + nh
   for _ = 1, nkeys do
@@ -58,14 +67,14 @@ end
 return out
 """
 
-_RECORD = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1]); local cap = tonumber(ARGV[2])
+# ARGV: now ms ('' = Redis TIME), ttl ms, capacity, hashes
+_RECORD = _NOW + """
+local now_ms = now_ms(ARGV[1])
+local ttl = tonumber(ARGV[2]); local cap = tonumber(ARGV[3])
 local base = now_ms * 1024
 local args = {}
-for i = 3, #ARGV do
-  args[#args + 1] = base - (i - 3); args[#args + 1] = ARGV[i]
+for i = 4, #ARGV do
+  args[#args + 1] = base - (i - 4); args[#args + 1] = ARGV[i]
   if #args >= 2000 then redis.call('ZADD', KEYS[1], unpack(args)); args = {} end
 end
 if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end
@@ -127,8 +136,10 @@ class Breaker:
 
 class AffinityStore:
     def __init__(self, redis: aioredis.Redis, *, timeout_s: float = 0.05, breaker: Breaker | None = None,
-                 on_event: Callable[[str, str], None] | None = None, max_pending: int = 1024) -> None:
+                 on_event: Callable[[str, str], None] | None = None, max_pending: int = 1024,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         self.redis = redis
+        self.clock_ms = clock_ms          # None: Redis TIME (tests and the twin's contract test inject one)
         self.timeout_s = timeout_s
         self.breaker = breaker or Breaker()
         self.on_event = on_event or (lambda _op, _result: None)
@@ -137,6 +148,9 @@ class AffinityStore:
         self._record = redis.register_script(_RECORD)
         self._pending: set[asyncio.Task[Any]] = set()
         self.log = get_logger("tiergate.affinity")
+
+    def _now(self) -> str:
+        return "" if self.clock_ms is None else str(self.clock_ms())
 
     async def _call(self, op: str, coro: Any) -> Any:
         try:
@@ -164,7 +178,7 @@ class AffinityStore:
             self.on_event("lookup", "skipped")
             return None
         keys: list[str] = []
-        argv: list[Any] = [int(ttl_s * 1000), len(groups)]
+        argv: list[Any] = [self._now(), int(ttl_s * 1000), len(groups)]
         for tier, instances, hashes in groups:
             keys.extend(index_key(tier, i) for i in instances)
             argv.extend((len(instances), len(hashes)))
@@ -192,7 +206,8 @@ class AffinityStore:
             return None
         try:
             n = await self._call("record", self._record(keys=[index_key(tier, instance)],
-                                                         args=[int(ttl_s * 1000), capacity_blocks, *hashes]))
+                                                         args=[self._now(), int(ttl_s * 1000), capacity_blocks,
+                                                               *hashes]))
         except Exception:
             return None
         self.on_event("record", "ok")

@@ -15,7 +15,8 @@
   a late run reserves nothing. No phantom reservation waits for its TTL.
 
 Money is integer units of 1e-10 USD (`COST_SCALE`), so sums are exact. Scripts live in
-`router.budget_lua`. Callers set the timeouts: this class never retries.
+`router.budget_lua`. Callers set the timeouts: this class never retries. router/replay/budget_twin.py is
+the in-memory twin (same replies, parsed by the same functions; tests/test_store_contract.py runs both).
 """
 
 from __future__ import annotations
@@ -136,27 +137,14 @@ class BudgetStore:
             self._now(), rid, rpm or 0, tpm or 0, tokens, reserve, -1 if daily is None else daily,
             -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms, q_prefix(tenant),
             f.prompt_units, f.units_per_token, f.wanted, f.least])
-        kind = _s(res[0])
-        if kind == "ok":
-            dl, ml, du, mu, granted, wr, wt = (int(_s(x)) for x in res[1:8])
-            fr = max([du / daily if daily else (1.0 if daily == 0 else 0.0),
-                      mu / monthly if monthly else (1.0 if monthly == 0 else 0.0)])
-            left = min([x for x, lim in ((dl, daily), (ml, monthly)) if lim is not None], default=None)
-            return Admission(True, "ok", left_units=left, used_fraction=fr,
-                             granted=granted if granted >= 0 else None, window_requests=wr, window_tokens=wt)
-        if kind == "dup":
-            return Admission(True, "dup", _s(res[1]))
-        if kind == "rate":
-            return Admission(False, "rate", _s(res[1]), retry_after_s=int(res[2]) / 1000)
-        return Admission(False, "budget", _s(res[1]), left_units=max(0, int(_s(res[2]))),
-                         retry_after_s=float(res[3]))
+        return parse_admission(res, daily, monthly)
 
     async def settle(self, tenant: str, rid: str, usage: Usage) -> str:
         """-> open | expired | orphan (how it was settled), or dup when it already was."""
         res = await self._settle(keys=self._keys(tenant, rid, "q", "w", "b", "open", "usage", "agg"), args=[
             self._now(), rid, usage.cost, usage.prompt + usage.completion, self.keep_ms, self.ledger_maxlen,
             usage.at_ms, self.retention_days * 86_400_000, *usage.fields()])
-        return _s(res[1]) if _s(res[0]) == "settled" else "dup"
+        return parse_settled(res)
 
     async def release(self, tenant: str, rid: str) -> str:
         """Undo an admission whose outcome is unknown: -> released | blocked (it had not run) | its state."""
@@ -168,9 +156,8 @@ class BudgetStore:
                                      args=[self._now(), q_prefix(tenant), limit]))
 
     async def status(self, tenant: str) -> dict[str, Any]:
-        r = await self._status(keys=self._keys(tenant, "", "b", "open"), args=[self._now(), q_prefix(tenant)])
-        return {"day": _s(r[0]), "month": _s(r[1]), "spent_day": int(_s(r[2])), "reserved_day": int(_s(r[3])),
-                "spent_month": int(_s(r[4])), "reserved_month": int(_s(r[5]))}
+        return parse_status(await self._status(keys=self._keys(tenant, "", "b", "open"),
+                                               args=[self._now(), q_prefix(tenant)]))
 
     async def aggregates(self, tenant: str, days: int = 400, today: dt.date | None = None) -> dict[str, int]:
         """The hourly sums of the last `days` UTC days up to `today` (one extra day for clock skew)."""
@@ -189,6 +176,33 @@ class BudgetStore:
     async def ledger(self, tenant: str, count: int = 1000, after: str = "-") -> list[tuple[str, dict[str, str]]]:
         rows: Any = await self.redis.xrange(f"{tag(tenant)}:usage", min=after, max="+", count=count)
         return [(_s(i), {_s(k): _s(v) for k, v in f.items()}) for i, f in rows]
+
+
+def parse_admission(res: list[Any], daily: int | None, monthly: int | None) -> Admission:
+    """The ADMIT script's reply (router/budget_lua.py) as an Admission (shared with the in-memory twin)."""
+    kind = _s(res[0])
+    if kind == "ok":
+        dl, ml, du, mu, granted, wr, wt = (int(_s(x)) for x in res[1:8])
+        fr = max([du / daily if daily else (1.0 if daily == 0 else 0.0),
+                  mu / monthly if monthly else (1.0 if monthly == 0 else 0.0)])
+        left = min([x for x, lim in ((dl, daily), (ml, monthly)) if lim is not None], default=None)
+        return Admission(True, "ok", left_units=left, used_fraction=fr,
+                         granted=granted if granted >= 0 else None, window_requests=wr, window_tokens=wt)
+    if kind == "dup":
+        return Admission(True, "dup", _s(res[1]))
+    if kind == "rate":
+        return Admission(False, "rate", _s(res[1]), retry_after_s=int(res[2]) / 1000)
+    return Admission(False, "budget", _s(res[1]), left_units=max(0, int(_s(res[2]))),
+                     retry_after_s=float(res[3]))
+
+
+def parse_settled(res: list[Any]) -> str:
+    return _s(res[1]) if _s(res[0]) == "settled" else "dup"
+
+
+def parse_status(r: list[Any]) -> dict[str, Any]:
+    return {"day": _s(r[0]), "month": _s(r[1]), "spent_day": int(_s(r[2])), "reserved_day": int(_s(r[3])),
+            "spent_month": int(_s(r[4])), "reserved_month": int(_s(r[5]))}
 
 
 def _s(x: Any) -> str:

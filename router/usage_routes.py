@@ -25,8 +25,8 @@ from policies.schema import Policy
 from router import dashboard
 from router.accounting import Accountant, baseline_tier
 from router.auth import KeyIndex
-from router.budget_store import BudgetStore
 from router.errors import ApiError
+from router.lifecycle.ports import BudgetLedger
 from router.throttle import FailureThrottle
 from router.usage import budget_view, report, to_csv
 
@@ -55,7 +55,7 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
                    today: Callable[[], dt.date] | None = None, throttle: FailureThrottle | None = None) -> list[Any]:
     """`current`: the running policy and its key index (a reload swaps them; each request takes them once).
     `throttle`: failed key checks per client address (router/throttle.py); default: its defaults."""
-    store: BudgetStore | None = accountant.store
+    store: BudgetLedger | None = accountant.store
     day = today or (lambda: dt.datetime.now(dt.UTC).date())
     guard = throttle if throttle is not None else FailureThrottle()   # (an empty one is falsy: it has a len)
 

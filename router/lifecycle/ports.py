@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from policies.engine import Profile
 from policies.schema import Policy
+from router.budget_store import Admission, FlexBudget, Usage
 
 if TYPE_CHECKING:
     from router.affinity import Affinity
@@ -48,9 +49,9 @@ class BudgetLedger(Protocol):
 
     async def admit(self, tenant: str, rid: str, *, rpm: int | None, tpm: int | None, tokens: int,
                     reserve: int, daily: int | None, monthly: int | None, ttl_s: float,
-                    flex: Any = None) -> Any: ...
+                    flex: FlexBudget | None = None) -> Admission: ...
 
-    async def settle(self, tenant: str, rid: str, usage: Any) -> str: ...
+    async def settle(self, tenant: str, rid: str, usage: Usage) -> str: ...
 
     async def release(self, tenant: str, rid: str) -> str: ...
 

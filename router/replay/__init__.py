@@ -1,0 +1,1 @@
+"""`tiergate replay`: the lifecycle core on a virtual clock, against simulated engines, in one process."""
