@@ -131,7 +131,8 @@ async def test_killed_router_reservations_expire_and_the_other_replica_is_unaffe
             assert fr["completion_tokens"] == sum(served_b)                     # B's exactly, once
             status = (await c.get(b + "/v1/usage", headers=capped)).json()["budget"]
             assert status["reserved_today_usd"] == 0                            # nothing left held
-            one = cap["prompt_tokens"] * price_units(0.05) + cap["completion_tokens"] * price_units(0.20)
+            one = ((cap["prompt_tokens"] - cap["cached_tokens"]) * price_units(0.05)
+                   + cap["cached_tokens"] * price_units(0.01) + cap["completion_tokens"] * price_units(0.20))
             assert round(cap["cost_usd"] * 1e10) == one                          # the one bill is B's request
     finally:
         if proc.returncode is None:
