@@ -30,6 +30,8 @@ from router.accounting import Accountant
 from router.affinity_store import AffinityStore, Breaker
 from router.budget_store import BudgetStore
 from router.deadlines import Deadlines
+from router.decision_records import RedisDecisionRecords
+from router.decision_routes import decision_handlers
 from router.drain import DrainController
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
@@ -44,6 +46,7 @@ from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
 from router.prefix_hash import tier_seed
 from router.settings import Settings
+from router.shadow import Shadow
 from router.throttle import FailureThrottle
 from router.usage_routes import usage_handlers
 
@@ -116,9 +119,18 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                             timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
     tokenizers = tokenizers or TokenizerCache()
     limits = RequestLimits(settings, metrics, tokenizers)  # body limit, long-prompt gate (router/limits.py)
+    records = RedisDecisionRecords(store, metrics, maxlen=settings.decision_records_max,
+                                   timeout_s=settings.decision_records_timeout_s,
+                                   queue_max=settings.decision_records_queue) \
+        if store is not None and settings.decision_records_max > 0 else None
+    shadow = None
+    if settings.shadow_policy_path:     # a second policy, decided on live traffic, never serving (router/shadow.py)
+        shadow = Shadow(settings.shadow_policy_path, metrics, executor, interval_s=settings.policy_reload_interval_s)
+        shadow.load_now()
     gw = Gateway(policy, registry, client, metrics, tokenizers, executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
-                 affinity_store=aff_store, accountant=accountant)
+                 affinity_store=aff_store, accountant=accountant, records=records, shadow=shadow,
+                 explain_max_candidates=settings.explain_max_candidates)
     drain = drain or DrainController(settings.drain_grace_s, settings.drain_timeout_s)
     gw.forwarder.cuts = drain.cuts  # streams the drain may cut at its deadline
     gw.forwarder.deadlines = Deadlines.from_settings(settings)   # first byte and stall (router/deadlines.py)
@@ -183,6 +195,10 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         tasks.append(asyncio.create_task(accountant.background(), name="accounting"))
         if load_sync is not None:
             tasks.append(asyncio.create_task(load_sync.run(), name="load-sync"))
+        if records is not None:
+            tasks.append(asyncio.create_task(records.run(), name="decision-records"))
+        if shadow is not None and settings.policy_reload_interval_s > 0:
+            tasks.append(asyncio.create_task(shadow.run(), name="shadow-policy"))
         sync_kv_subscribers()
         hup = False
         if watch:
@@ -209,6 +225,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 await asyncio.wait(list(gw.forwarder.drains), timeout=10)
             if jobs:  # policy-version notes still writing to Redis, reloads asked for by SIGHUP
                 await asyncio.wait(list(jobs), timeout=2)
+            if records is not None:
+                await records.flush()
             await accountant.drain()
             await accountant.replay_once()
             journal.close()
@@ -340,6 +358,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     return Litestar(
         route_handlers=[chat, completions, models, health, ready, prom, reload_policy,
                         *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant, throttle=throttle),
+                        *decision_handlers(gw, limits, throttle, records),
                         *openapi_handlers()],
         lifespan=[lifespan],
         middleware=[drain.middleware],  # counts requests for the drain, refuses new ones after its grace

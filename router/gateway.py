@@ -5,7 +5,9 @@ back a `Reply`. Errors are raised as `ApiError` and rendered by the handler. Gat
 candidates, deciding, admission and the close-out (billing, learning, settling, the
 canonical log line) are the sans-I/O core's (router/lifecycle/core.py), which
 `tiergate replay` runs too; this module keeps parsing, auth, tokenization and the
-HTTP forwarding (router/proxy.py).
+HTTP forwarding (router/proxy.py). Around the core: the dry-run (`dry_run`: parse, route, tokenize,
+gather and decide exactly as a live request, no admission and no forwarding), the explain document
+(`x-tiergate-explain: 1`, router/explain.py) and the shadow policy (router/shadow.py).
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ from backends.http_client import UpstreamClient
 from backends.registry import Registry
 from backends.tokenization import TokenizerCache
 from policies.schema import Policy
+from policies.types import RoutingDecision
 from router.accounting import Accountant
 from router.affinity_store import AffinityStore
 from router.errors import ApiError
-from router.lifecycle.core import MIN_FLEX_TOKENS, Lifecycle
+from router.explain import decision_doc, header_value, wants_explain, with_explain
+from router.lifecycle.core import MIN_FLEX_TOKENS, Lifecycle, Pending
+from router.lifecycle.records import RecordSink
 from router.live_policy import PolicyView, build_view
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 from router.proxy import Forwarder, Outcome
 from router.request_checks import check_nesting, check_request
 from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
+from router.shadow import Shadow
 from router.slo import resolve_slo
 
 __all__ = ["MIN_FLEX_TOKENS", "Gateway", "Reply", "forward_body"]
@@ -73,7 +79,8 @@ class Gateway:
     def __init__(self, policy: Policy, registry: Registry, client: UpstreamClient, metrics: RouterMetrics,
                  tokenizers: TokenizerCache, executor: Any, *, max_attempts: int = 3,
                  expose_decision: bool = False, affinity_store: AffinityStore | None = None,
-                 accountant: Accountant | None = None) -> None:
+                 accountant: Accountant | None = None, records: RecordSink | None = None,
+                 shadow: Shadow | None = None, explain_max_candidates: int = 16) -> None:
         self.registry = registry
         self.metrics = metrics
         self.view = build_view(policy, registry, tokenizers, executor, affinity_store)  # swapped on reload
@@ -84,7 +91,9 @@ class Gateway:
                                    lambda tier, why: metrics.retries.labels(tier, why).inc())
         # the request lifecycle (router/lifecycle/core.py), the same code `tiergate replay` runs
         self.core = Lifecycle(registry, accountant=accountant, metrics=metrics, max_attempts=max_attempts,
-                              log=self.log)
+                              log=self.log, records=records)
+        self.shadow = shadow
+        self.explain_max_candidates = explain_max_candidates
 
     @property
     def policy(self) -> Policy:
@@ -167,24 +176,50 @@ class Gateway:
                            code="model_not_allowed")
         return name, tiers, tenant_tiers
 
-    async def _handle(self, v: PolicyView, tenant: str, kind: str, raw: bytes, rid: str,
-                      headers: Mapping[str, str]) -> Reply:
+    async def _prepare(self, v: PolicyView, tenant: str, kind: str, raw: bytes, rid: str,
+                       headers: Mapping[str, str]) -> tuple[dict[str, Any], ChatRequest | CompletionRequest,
+                                                            Pending, dict[str, Any]]:
+        """Parse, route, tokenize, start and gather: what the live path and the dry-run share."""
         core = self.core
         t0 = core.clock()
-        pol = v.policy
-        slo = resolve_slo(pol, tenant, headers)
+        slo = resolve_slo(v.policy, tenant, headers)
         body, req = self._parse(kind, raw)
         route_name, tiers, tenant_tiers = self._route(v, tenant, req.model)
-        limit = req.completion_limit
         if isinstance(req, ChatRequest):
             ids = await v.prompts.chat_ids(tiers, req, body)
         else:
             ids = await v.prompts.completion_ids(tiers, req)
         counts = {t: len(v) for t, v in ids.items()}
         hashes = await v.affinity.hashes(tiers, ids)
-        p = core.start(v, rid, tenant, route_name, tiers, tenant_tiers, counts, limit, slo, t0)
+        p = core.start(v, rid, tenant, route_name, tiers, tenant_tiers, counts, req.completion_limit, slo, t0)
         await core.gather(p, hashes)
-        core.decide(p)
+        return body, req, p, hashes
+
+    def explain(self, v: PolicyView, p: Pending, decision: RoutingDecision) -> dict[str, Any]:
+        return decision_doc(decision, p.candidates, p.rreq, profile=v.policy.routes[p.route].profile,
+                            policy_version=v.version, max_candidates=self.explain_max_candidates)
+
+    async def dry_run(self, v: PolicyView, tenant: str, kind: str, raw: bytes, rid: str,
+                      headers: Mapping[str, str]) -> dict[str, Any]:
+        """The decision a live request with this body would get now: no admission, no forwarding, nothing
+        recorded. Where no candidate survives, `error` holds the refusal the live path would answer."""
+        _, _, p, _ = await self._prepare(v, tenant, kind, raw, rid, headers)
+        decision = self.core.evaluate(p)
+        doc = self.explain(v, p, decision)
+        refusal = self.core.refusal(p, decision)
+        if refusal is not None:
+            doc["error"] = {"status": refusal.status, **_decode_any.decode(refusal.body())["error"]}
+        return doc
+
+    async def _handle(self, v: PolicyView, tenant: str, kind: str, raw: bytes, rid: str,
+                      headers: Mapping[str, str]) -> Reply:
+        core = self.core
+        pol = v.policy
+        body, req, p, hashes = await self._prepare(v, tenant, kind, raw, rid, headers)
+        t0, counts, limit = p.t0, p.counts, req.completion_limit
+        live = core.decide(p)
+        if self.shadow is not None:
+            self.shadow.observe(p, live)     # never raises, never changes `live`
         cap, admitted = await core.admit(p, limit)
         decision = p.decision
         assert decision is not None
@@ -218,8 +253,17 @@ class Gateway:
             raise
         if out.tier is not None and out.instance is not None and up.status == 200:
             v.affinity.record(out.tier, out.instance, hashes)
-        headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "", "x-tiergate-instance": out.instance or "",
-                   "x-tiergate-overhead-ms": f"{p.overhead * 1000:.3f}", **admitted.headers}
+        reply_headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "",
+                         "x-tiergate-instance": out.instance or "",
+                         "x-tiergate-overhead-ms": f"{p.overhead * 1000:.3f}", **admitted.headers}
         if self.expose_decision:
-            headers["x-tiergate-decision"] = _encode.encode(decision.summary()).decode()
-        return Reply(up.status, headers, up.body, up.stream)
+            reply_headers["x-tiergate-decision"] = _encode.encode(decision.summary()).decode()
+        stream = up.stream
+        if wants_explain(headers):
+            doc = self.explain(v, p, decision)
+            doc["served"] = f"{out.tier}/{out.instance}" if out.tier is not None else None
+            if stream is not None:
+                stream = with_explain(stream, doc, kind)
+            else:
+                reply_headers["x-tiergate-explain"] = header_value(doc)
+        return Reply(up.status, reply_headers, up.body, stream)

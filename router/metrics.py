@@ -129,6 +129,24 @@ class RouterMetrics:
         self.long_prompt_wait = Histogram("tiergate_long_prompt_wait_seconds", "Wait for a long-prompt tokenizer "
                                           "slot.", buckets=LAT_BUCKETS, registry=r)
 
+        # shadow policy (router/shadow.py) and decision records (router/decision_records.py)
+        self.shadow_decisions = Counter("tiergate_shadow_decisions", "Live requests the shadow policy also decided, "
+                                        "by whether it chose the same candidate (agree: true, false).", ["agree"],
+                                        registry=r)
+        self.shadow_cost_delta = Gauge("tiergate_shadow_cost_delta_usd", "Running sum since start of the shadow "
+                                       "choice's estimated USD minus the live choice's (negative: the shadow would "
+                                       "have been cheaper); a gauge, as it can fall: use delta() or deriv().",
+                                       registry=r)
+        self.shadow_cost = Counter("tiergate_shadow_estimated_cost_usd", "Estimated USD of each choice where "
+                                   "both were priced (policy: live, shadow), for rate().", ["policy"], registry=r)
+        self.shadow_failures = Counter("tiergate_shadow_failures", "Shadow decisions not made (reason: error, "
+                                       "an exception in the shadow, isolated from the request; no_route, the "
+                                       "shadow policy has no such route) and shadow files refused "
+                                       "(policy_invalid).", ["reason"], registry=r)
+        self.decision_records = Counter("tiergate_decision_records", "Decision records by result (written to "
+                                        "the Redis stream; failed, Redis slow or down; dropped, the queue was "
+                                        "full).", ["result"], registry=r)
+
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.tenant_label = tenant_label or (lambda tenant: tenant)
         # where each metric labelled by tenant has its tenant label (every tenant-labelled write goes via child)

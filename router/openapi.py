@@ -74,6 +74,10 @@ _ROUTED_HEADERS = {
                                "schema": {"type": "string"}},
     "x-tiergate-decision": {"description": "The routing decision as JSON (only when the router exposes it).",
                             "schema": {"type": "string"}},
+    "x-tiergate-explain": {"description": "With `x-tiergate-explain: 1`, not streamed: the decision "
+                                          "(RouteDecision) as compact ASCII JSON, at most 8,000 bytes (candidates "
+                                          "past that are left out, with a `truncated` note).",
+                           "schema": {"type": "string"}},
 }
 _REQUEST_HEADERS = [
     {"$ref": "#/components/parameters/x-request-id"},
@@ -86,6 +90,11 @@ _REQUEST_HEADERS = [
      "schema": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 86400000},
      "description": "A time-per-output-token target in ms; overrides the class's."},
 ]
+_EXPLAIN = {"name": "x-tiergate-explain", "in": "header", "required": False, "schema": {"type": "string",
+                                                                                     "enum": ["1", "true"]},
+            "description": "Return the routing decision: the x-tiergate-explain response header, or for a stream "
+                           "one chunk before `[DONE]` with empty `choices` and a `tiergate_explain` member "
+                           "(RouteDecision)."}
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 _KEY_OR_ANON: list[dict[str, list[str]]] = [{"bearer": []}, {}]  # no key: the policy's anonymous tenant, if any
 _PUBLIC: list[dict[str, list[str]]] = []
@@ -97,7 +106,7 @@ def _routed(summary: str, request: str, reply: str, stream_event: str) -> dict[s
                                             "the first byte ends with a `data:` line holding an ErrorResponse.",
            "x-event-schema": _ref(stream_event)}
     return {"post": {
-        "summary": summary, "tags": ["OpenAI"], "security": _KEY_OR_ANON, "parameters": _REQUEST_HEADERS,
+        "summary": summary, "tags": ["OpenAI"], "security": _KEY_OR_ANON, "parameters": [*_REQUEST_HEADERS, _EXPLAIN],
         "requestBody": {"required": True, "content": {_JSON: {"schema": _ref(request)}}},
         "responses": {"200": {"description": "The tier's answer, relayed (`stream` true: an event stream).",
                               "headers": _ROUTED_HEADERS,
@@ -118,6 +127,14 @@ def _paths() -> dict[str, Any]:
                                         "ChatCompletion", "ChatCompletionChunk"),
         "/v1/completions": _routed("Text completion, routed to a tier", "CompletionRequest", "Completion",
                                    "Completion"),
+        "/v1/route": _dry_run(),
+        "/admin/decisions/{request_id}": {"get": {
+            "summary": "A request's decision record, estimated next to actual (admin key)", "tags": ["Admin"],
+            "security": _BEARER,
+            "parameters": [{"name": "request_id", "in": "path", "required": True,
+                            "schema": {"type": "string", "maxLength": 128}, "description": "The x-request-id."}],
+            "responses": {"200": _json(_ref("DecisionRecord"), "The newest record of that request id."),
+                          **_errors(401, 403, 404, 409, 429, 503)}}},
         "/v1/models": {"get": {"summary": "Virtual models this key may use, and their tiers", "tags": ["OpenAI"],
                                "security": _KEY_OR_ANON,
                                "responses": {"200": _json(_ref("ModelList"), "The models."), **_errors(401)}}},
@@ -167,6 +184,25 @@ def _paths() -> dict[str, Any]:
             "responses": {"200": {"description": "The file.", "content": {"*/*": {"schema": {"type": "string"}}}},
                           **_errors(404)}}},
     }
+
+
+def _dry_run() -> dict[str, Any]:
+    kind = _query("kind", {"type": "string", "enum": ["chat", "completions"]},
+                  "Which request the body is; default: `messages` means chat, `prompt` completions.")
+    tenant = {"name": "x-tiergate-tenant", "in": "header", "required": False, "schema": {"type": "string"},
+              "description": "The tenant to dry-run as: required with the admin key; a tenant key may name only "
+                             "itself."}
+    body = {"oneOf": [_ref("ChatCompletionRequest"), _ref("CompletionRequest")]}
+    return {"post": {
+        "summary": "Dry-run: the routing decision a request would get now, without sending it", "tags": ["Routing"],
+        "description": "Every candidate with its per-plugin scores, estimated USD (and parts), predicted TTFT and "
+                       "TPOT, P(miss), and the filter that removed each rejected one; the chosen candidate and the "
+                       "ranking. Nothing is admitted, forwarded or recorded. A request no candidate can serve gets "
+                       "200 with `chosen: null` and the refusal in `error`.",
+        "security": _KEY_OR_ANON, "parameters": [kind, tenant, *_REQUEST_HEADERS],
+        "requestBody": {"required": True, "content": {_JSON: {"schema": body}}},
+        "responses": {"200": _json(_ref("RouteDecision"), "The decision.", {"x-request-id": _RID}),
+                      **_errors(400, 401, 403, 404, 413, 429, 503)}}}
 
 
 def _asset(summary: str, media_type: str) -> dict[str, Any]:

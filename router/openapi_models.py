@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from router.openapi_decisions import DecisionRecord, RouteDecision
+
 Temperature = Annotated[float, Meta(ge=0, le=2, description="Sampling temperature, 0 to 2; 0 is greedy.")]
 TopP = Annotated[float, Meta(gt=0, le=1, description="Nucleus sampling mass, above 0 and at most 1.")]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
@@ -317,7 +319,7 @@ class ErrorResponse(Struct, kw_only=True):
 
 DOC_TYPES: tuple[Any, ...] = (
     ChatCompletionRequest, CompletionRequest, ChatCompletion, ChatCompletionChunk, Completion, ModelList,
-    Health, Readiness, ReloadResult, UsageReport, UsageReportList, ErrorResponse)
+    Health, Readiness, ReloadResult, UsageReport, UsageReportList, ErrorResponse, RouteDecision, DecisionRecord)
 
 
 def schema_components() -> dict[str, Any]:

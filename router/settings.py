@@ -44,6 +44,12 @@ class Settings(msgspec.Struct, kw_only=True):
     load_sync_stale_s: float = 2.0          # a replica silent this long no longer counts
     log_level: str = "info"
     expose_decision_header: bool = False    # x-tiergate-decision with per-plugin scores
+    # explain, dry-run, shadow and decision records (router/explain.py, router/shadow.py, router/decision_records.py)
+    explain_max_candidates: int = 16        # candidates listed by POST /v1/route and x-tiergate-explain
+    shadow_policy_path: str | None = None   # a second policy decided on live traffic, never serving
+    decision_records_max: int = 10_000      # last N decision records in a Redis stream (XADD MAXLEN ~); 0: off
+    decision_records_timeout_s: float = 0.25  # one batch write; past it the batch is dropped (fail open, counted)
+    decision_records_queue: int = 2048      # records waiting for the writer; past it new ones are dropped
     policy_reload_interval_s: float = 2.0   # check the policy file for changes (0: only POST /admin/policy/reload)
     drain_grace_s: float = 5.0              # after SIGTERM: /ready is 503 at once, new requests still taken this long
     drain_timeout_s: float = 30.0           # after SIGTERM: streams still running then are cut (error event, billed)
