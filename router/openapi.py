@@ -91,7 +91,7 @@ _REQUEST_HEADERS = [
      "description": "A time-per-output-token target in ms; overrides the class's."},
 ]
 _EXPLAIN = {"name": "x-tiergate-explain", "in": "header", "required": False, "schema": {"type": "string",
-                                                                                     "enum": ["1", "true"]},
+                                                                                     "enum": ["1", "true", "yes"]},
             "description": "Return the routing decision: the x-tiergate-explain response header, or for a stream "
                            "one chunk before `[DONE]` with empty `choices` and a `tiergate_explain` member "
                            "(RouteDecision)."}

@@ -3,6 +3,7 @@ router/decision_records.py, router/decision_routes.py), against simulators and R
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -193,6 +194,33 @@ async def test_explain_chunk_in_streams_parsed_by_the_openai_sdk() -> None:
             assert "".join(ch.choices[0].text for ch in got if ch.choices)
         finally:
             await client.close()
+
+
+async def test_a_client_leaving_an_explained_stream_aborts_it_and_bills_it_once() -> None:
+    """The explain wrapper hands a client's departure on to the relay (abort upstream, bill what was sent)."""
+    sim = await start_sim("qwen3-1.7b-fp8", time_scale=1.0)
+    try:
+        async with serve_router(parse_policy(TEXT), {"fast": [("x", sim.url)]}) as url:
+            with capture_logs() as logs:
+                async with httpx.AsyncClient(base_url=url, headers={**AUTH, **EXPLAIN}) as c, \
+                        c.stream("POST", "/v1/chat/completions",
+                                 json=chat(model="qwen3-1.7b", max_tokens=5000, stream=True, ignore_eos=True)) as r:
+                    got = 0
+                    async for _ in r.aiter_raw():
+                        got += 1
+                        if got >= 3:
+                            break
+                for _ in range(500):
+                    if sim.server.engine.stats.success["abort"] == 1 and any(e.get("event") == "request"
+                                                                             for e in logs):
+                        break
+                    await asyncio.sleep(0.02)             # the abort and the close-out run on the loop
+            assert sim.server.engine.stats.success["abort"] == 1
+            lines = [e for e in logs if e.get("event") == "request"]
+            assert len(lines) == 1 and lines[0]["error"] == "client disconnected"
+            assert 0 < lines[0]["completion_tokens"] < 5000 and lines[0]["cost_usd"] > 0
+    finally:
+        await sim.close()
 
 
 def wide_decision(n: int) -> tuple[RoutingDecision, list[Candidate], Any]:
