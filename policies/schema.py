@@ -14,6 +14,7 @@ from policies.yaml_loader import load_yaml, read_policy_text
 
 STRICT = {"forbid_unknown_fields": True, "kw_only": True, "frozen": True}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 
 class Prices(msgspec.Struct, **STRICT):
@@ -287,7 +288,9 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
                 errs.append((f"{base}.instances[{i}].{field}", message))   # policies/urls.py
             if inst.kv_capacity_blocks is not None and inst.kv_capacity_blocks < 1:
                 errs.append((f"{base}.instances[{i}].kv_capacity_blocks", "must be >= 1"))
-            if inst.id in seen:
+            if not _INSTANCE_ID.match(inst.id):   # it goes into a response header and metric labels
+                errs.append((f"{base}.instances[{i}].id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -"))
+            elif inst.id in seen:
                 errs.append((f"{base}.instances[{i}].id", f"duplicate instance id {inst.id!r}"))
             seen.add(inst.id)
     for name, prof in policy.profiles.items():

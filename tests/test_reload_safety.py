@@ -191,3 +191,10 @@ async def test_a_parser_that_runs_too_long_is_killed_and_refused() -> None:
             await parse_in_child(text, "slow.yaml", ex, timeout_s=0.001)   # less than the child's own start-up
         assert not parser_children()
         assert len((await parse_in_child(text, "slow.yaml", ex)).tenants) == 2000
+
+
+@pytest.mark.parametrize("bad_id", ["fast\r\nx-evil: 1", "a b", "", "é", "x" * 129])
+def test_instance_ids_are_header_and_label_safe(bad_id: str) -> None:
+    text = policy_text("ids", ["http://127.0.0.1:9"], {"free": ""}).replace("id: i0-ids", f"id: {bad_id!r}")
+    with pytest.raises(PolicyError, match=r"instances\[0\]\.id: must be 1-128 characters"):
+        parse_policy(text, "t.yaml")
