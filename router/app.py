@@ -45,6 +45,7 @@ from router.metrics import RouterMetrics, tenant_labeler
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
 from router.prefix_hash import tier_seed
+from router.replay.record import TraceRecorder
 from router.settings import Settings
 from router.shadow import Shadow
 from router.throttle import FailureThrottle
@@ -135,6 +136,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     gw.forwarder.cuts = drain.cuts  # streams the drain may cut at its deadline
     gw.forwarder.deadlines = Deadlines.from_settings(settings)   # first byte and stall (router/deadlines.py)
     gw.forwarder.on_fault = metrics.upstream_fault
+    recorder = TraceRecorder.from_env()   # TIERGATE_RECORD_TRACE: this traffic as a replay trace (no prompt text)
+    gw.core.recorder = recorder
     state: dict[str, Any] = {"redis_ok": False}
     jobs: set[asyncio.Task[object]] = set()  # short background jobs that shutdown waits for
     kv_tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
@@ -193,6 +196,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         tasks = [asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe"),
                  asyncio.create_task(scrape_forever(client, registry, settings.scrape_interval_s), name="scrape")]
         tasks.append(asyncio.create_task(accountant.background(), name="accounting"))
+        if recorder is not None:
+            tasks.append(asyncio.create_task(recorder.run(), name="trace-record"))
         if load_sync is not None:
             tasks.append(asyncio.create_task(load_sync.run(), name="load-sync"))
         if records is not None:
@@ -228,6 +233,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             if records is not None:
                 await records.flush()
             await accountant.drain()
+            if recorder is not None:
+                await recorder.aclose()
             await accountant.replay_once()
             journal.close()
             if aff_store is not None:

@@ -1,4 +1,4 @@
-"""`tiergate` command line: serve, sim, policy check, keys new."""
+"""`tiergate` command line: serve, sim, policy check, replay, keys new."""
 
 from __future__ import annotations
 
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     chk = polsub.add_parser("check", help="validate a policy file")
     chk.add_argument("file")
     chk.set_defaults(fn=_policy_check)
+    from router.replay.cli import add_replay_args
+
+    rp = sub.add_parser("replay", help="what would this policy do? replay a trace on virtual time")
+    add_replay_args(rp)
     keys = sub.add_parser("keys", help="API keys")
     keysub = keys.add_subparsers(dest="keys_cmd", required=True)
     kn = keysub.add_parser("new", help="print a new key and its hash")

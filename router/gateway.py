@@ -28,7 +28,7 @@ from router.accounting import Accountant
 from router.affinity_store import AffinityStore
 from router.errors import ApiError
 from router.explain import decision_doc, header_value, wants_explain, with_explain
-from router.lifecycle.core import MIN_FLEX_TOKENS, Lifecycle, Pending
+from router.lifecycle.core import MIN_FLEX_TOKENS, Lifecycle, Pending, allowed_models
 from router.lifecycle.records import RecordSink
 from router.live_policy import PolicyView, build_view
 from router.logs import get_logger
@@ -110,9 +110,7 @@ class Gateway:
         return tenant
 
     def allowed_models(self, tenant: str, policy: Policy | None = None) -> list[str]:
-        pol = policy or self.policy
-        spec = pol.tenants[tenant]
-        return [m for m in pol.routes if "*" in spec.allowed_models or m in spec.allowed_models]
+        return allowed_models(policy or self.policy, tenant)
 
     async def handle(self, kind: str, raw: bytes, authorization: str | None,
                      request_id: str | None = None, headers: Mapping[str, str] | None = None) -> Reply:
@@ -159,22 +157,8 @@ class Gateway:
         return body, req
 
     def _route(self, v: PolicyView, tenant: str, model: str) -> tuple[str, tuple[str, ...], frozenset[str] | None]:
-        """(route name, the tiers this tenant may use in it, the tenant's tiers or None for all)."""
-        pol = v.policy
-        name = v.models.get(model.lower())
-        if name is None:
-            raise ApiError(404, f"The model '{model[:200]}' does not exist. Known models: "
-                           f"{', '.join(self.allowed_models(tenant, pol))}", param="model", code="model_not_found")
-        spec = pol.tenants[tenant]
-        if "*" not in spec.allowed_models and name not in spec.allowed_models:
-            raise ApiError(403, f"this key may not use model '{model[:200]}'", param="model",
-                           code="model_not_allowed")
-        tenant_tiers = None if "*" in spec.allowed_tiers else frozenset(spec.allowed_tiers)
-        tiers = tuple(t for t in pol.routes[name].tiers if tenant_tiers is None or t in tenant_tiers)
-        if not tiers:
-            raise ApiError(403, f"this key may not use any tier of model '{model[:200]}'", param="model",
-                           code="model_not_allowed")
-        return name, tiers, tenant_tiers
+        """(route name, the tiers this tenant may use in it, the tenant's tiers or None for all): the core's."""
+        return self.core.route(v, tenant, model)
 
     async def _prepare(self, v: PolicyView, tenant: str, kind: str, raw: bytes, rid: str,
                        headers: Mapping[str, str]) -> tuple[dict[str, Any], ChatRequest | CompletionRequest,

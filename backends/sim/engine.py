@@ -54,10 +54,13 @@ class SimRequest:
     is_running: bool = False
     rng: random.Random = field(default_factory=random.Random)
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    n_output: int = 0      # output tokens generated (== len(output_ids) when token_ids)
+    token_ids: bool = True  # False: output tokens are counted, not drawn (replay: `prompt_ids` may be a range
+    #                         and `hashes` given, so no token id is ever needed)
 
     @property
     def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + self.n_output
 
     def token_at(self, i: int) -> int:
         p = len(self.prompt_ids)
@@ -99,8 +102,10 @@ class Engine:
         output_vocab: Sequence[int] = (),
         clock: Clock = time.monotonic,
         enable_prefix_caching: bool = True,
+        keep_latencies: bool = True,
     ) -> None:
         self.profile = profile
+        self.keep_latencies = keep_latencies   # per-token latency samples for /metrics (replay: off)
         self.time_scale = time_scale
         self.clock = clock
         self.kv = KVCache(num_gpu_blocks or profile.num_gpu_blocks, profile.block_size, enable_prefix_caching)
@@ -127,10 +132,11 @@ class Engine:
             self._task = None
 
     # --- requests -------------------------------------------------------------
-    def add(self, req: SimRequest) -> None:
+    def add(self, req: SimRequest, hashes: list[int] | None = None) -> None:
+        """`hashes`: the request's block hashes when the caller has them (replay: prompt and output)."""
         req.arrival = self.clock()
         bs = self.profile.block_size
-        req.hashes = block_hashes(req.prompt_ids, bs)
+        req.hashes = block_hashes(req.prompt_ids, bs) if hashes is None else hashes
         self.waiting.append(req)
         self._wake.set()
 
@@ -175,9 +181,15 @@ class Engine:
         self.waiting.appendleft(victim)
 
     def schedule(self) -> list[tuple[SimRequest, int]]:
-        prof = self.profile
-        budget = prof.max_num_batched_tokens
         out: list[tuple[SimRequest, int]] = []
+        budget, preempted = self.schedule_running(self.profile.max_num_batched_tokens, out)
+        if not preempted:
+            self.admit_waiting(budget, out)
+        return out
+
+    def schedule_running(self, budget: int, out: list[tuple[SimRequest, int]]) -> tuple[int, bool]:
+        """The running requests first, in order, within the token budget (preempting the last on a KV
+        shortage); -> (budget left, whether anything was preempted)."""
         preempted = False
         for req in list(self.running):
             if budget <= 0:
@@ -195,7 +207,13 @@ class Engine:
             if n > 0:
                 out.append((req, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < prof.max_num_seqs and not preempted:
+        return budget, preempted
+
+    def admit_waiting(self, budget: int, out: list[tuple[SimRequest, int]], others: int = 0) -> None:
+        """Then waiting requests in arrival order while the budget and `max_num_seqs` allow (`others`: running
+        requests that are not in `self.running`, backends/sim/virtual.py's decoders)."""
+        prof = self.profile
+        while self.waiting and budget > 0 and len(self.running) + others < prof.max_num_seqs:
             req = self.waiting[0]
             if not req.blocks and req.num_computed == 0:
                 hit = self.kv.match(req.hashes)
@@ -222,17 +240,16 @@ class Engine:
             self.waiting.popleft()
             self.running.append(req)
             req.is_running = True
-            self.stats.queue_time.append(self.clock() - req.arrival)
+            if self.keep_latencies:
+                self.stats.queue_time.append(self.clock() - req.arrival)
             out.append((req, n))
             budget -= n
-        return out
 
-    def step_time(self, batch: Sequence[tuple[SimRequest, int]]) -> float:
+    def step_time(self, batch: Sequence[tuple[SimRequest, int]], decode_seqs: int = 0, decode_ctx: int = 0) -> float:
+        """`decode_seqs`, `decode_ctx`: decoding requests not in `batch` and their computed tokens (virtual.py)."""
         prof = self.profile
         prefill_tokens = 0
         attn = 0.0
-        decode_seqs = 0
-        decode_ctx = 0
         for req, n in batch:
             if n == 1 and req.num_computed >= len(req.prompt_ids):
                 decode_seqs += 1
@@ -240,7 +257,7 @@ class Engine:
             else:
                 prefill_tokens += n
                 attn += n * (req.num_computed + n / 2)
-        if not batch:
+        if not batch and not decode_seqs:
             return 0.0
         linear = max(prof.decode_weight_read_s, (prefill_tokens + decode_seqs) / prof.prefill_tokens_per_s)
         t = (prof.step_overhead_s + linear + decode_seqs * prof.decode_per_seq_s
@@ -267,18 +284,21 @@ class Engine:
                 continue
             if req.first_token_at is None:
                 req.first_token_at = now
-                self.stats.ttft.append(now - req.arrival)
+                if self.keep_latencies:
+                    self.stats.ttft.append(now - req.arrival)
                 self.stats.prompt_tokens += len(req.prompt_ids)
-            elif req.last_token_at is not None:
+            elif req.last_token_at is not None and self.keep_latencies:
                 self.stats.itl.append(now - req.last_token_at)
-            if len(req.output_ids) >= req.target_len:
+            if req.n_output >= req.target_len:
                 self.running.remove(req)
                 self._finish(req, "length" if req.length_capped else "stop")
                 continue
-            req.output_ids.append(self.output_vocab[req.rng.randrange(len(self.output_vocab))])
+            if req.token_ids:
+                req.output_ids.append(self.output_vocab[req.rng.randrange(len(self.output_vocab))])
+            req.n_output += 1
             req.last_token_at = now
             self.stats.generation_tokens += 1
-            if len(req.output_ids) >= req.target_len:
+            if req.n_output >= req.target_len:
                 self.running.remove(req)
                 self._finish(req, "length" if req.length_capped else "stop")
             else:
@@ -300,7 +320,8 @@ class Engine:
         self.kv.free(req.blocks)
         req.blocks = []
         self.stats.success[reason] = self.stats.success.get(reason, 0) + 1
-        self.stats.e2e.append(req.finished_at - req.arrival)
+        if self.keep_latencies:
+            self.stats.e2e.append(req.finished_at - req.arrival)
         req.event.set()
 
     # --- loop -----------------------------------------------------------------

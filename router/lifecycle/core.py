@@ -2,6 +2,7 @@
 
 A driver calls the stages in order, with a `Pending` that carries the request through them:
 
+  route     the virtual model's route and the tiers this tenant may use in it (pure);
   start     the RoutingRequest: route, tenant, SLO targets, prompt tokens per tier, the route's learned
             output length, the tenant's degrade tiers (pure);
   gather    expected cached tokens per candidate, from the affinity index (one batched lookup: the
@@ -30,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from backends.registry import Ewma, InstanceState, Registry
 from policies.predict import queued_requests
@@ -45,7 +46,8 @@ from router.metrics import RouterMetrics
 from router.prefix_hash import PrefixHashes
 from router.relay import Outcome, prefilled
 
-__all__ = ["MIN_FLEX_TOKENS", "Lifecycle", "Pending", "chosen", "dispatched", "prefilled", "released"]
+__all__ = ["MIN_FLEX_TOKENS", "Lifecycle", "Pending", "allowed_models", "chosen", "dispatched", "prefilled",
+           "released"]
 
 MIN_FLEX_TOKENS = 16   # a request without max_tokens is refused rather than given a budget below this
 
@@ -63,6 +65,7 @@ class Pending:
     t0: float                               # the driver's clock when the request arrived
     rreq: RoutingRequest
     cached: dict[str, int] = field(default_factory=dict)   # expected cached tokens by candidate key
+    hashes: dict[str, PrefixHashes] = field(default_factory=dict)   # the prompt's sampled block hashes per tier
     affinity: str = "off"                   # the affinity lookup's status
     decision: RoutingDecision | None = None
     candidates: list[Candidate] = field(default_factory=list)   # the snapshot the decision was made on
@@ -71,6 +74,11 @@ class Pending:
     wall_ms: int = 0
     overhead: float = 0.0                   # router time before the upstream request was sent
     closed: bool = False
+
+
+def allowed_models(pol: Policy, tenant: str) -> list[str]:
+    spec = pol.tenants[tenant]
+    return [m for m in pol.routes if "*" in spec.allowed_models or m in spec.allowed_models]
 
 
 def dispatched(inst: InstanceState, prefill: int) -> None:
@@ -92,6 +100,12 @@ def chosen(out: Outcome, cand: Candidate, status: int, now: float) -> None:
     out.first_byte_at = now
 
 
+class Recorder(Protocol):
+    def begin(self, p: Pending) -> None: ...
+
+    def end(self, p: Pending, out: Outcome, usage: Usage) -> None: ...
+
+
 class Lifecycle:
     def __init__(self, registry: Registry, *, accountant: Accountant | None = None,
                  metrics: RouterMetrics | None = None, max_attempts: int = 3, clock: Clock = time.perf_counter,
@@ -106,9 +120,30 @@ class Lifecycle:
         self.wall_ms = wall_ms
         self.new_id = new_id
         self.log = log                  # the canonical request line; None: no line (replay)
+        self.recorder: Recorder | None = None   # router/replay/record.py (TIERGATE_RECORD_TRACE)
         self.records = records          # decision records (router/lifecycle/records.py); None: none
 
-    # --- start, gather, decide ---------------------------------------------------------------
+    # --- route, start, gather, decide --------------------------------------------------------
+    @staticmethod
+    def route(v: View, tenant: str, model: str) -> tuple[str, tuple[str, ...], frozenset[str] | None]:
+        """(route name, the tiers this tenant may use in it, the tenant's tiers or None for all), or the
+        ApiError (404 unknown model, 403 not this tenant's)."""
+        pol = v.policy
+        name = v.models.get(model.lower())
+        if name is None:
+            raise ApiError(404, f"The model '{model[:200]}' does not exist. Known models: "
+                           f"{', '.join(allowed_models(pol, tenant))}", param="model", code="model_not_found")
+        spec = pol.tenants[tenant]
+        if "*" not in spec.allowed_models and name not in spec.allowed_models:
+            raise ApiError(403, f"this key may not use model '{model[:200]}'", param="model",
+                           code="model_not_allowed")
+        tenant_tiers = None if "*" in spec.allowed_tiers else frozenset(spec.allowed_tiers)
+        tiers = tuple(t for t in pol.routes[name].tiers if tenant_tiers is None or t in tenant_tiers)
+        if not tiers:
+            raise ApiError(403, f"this key may not use any tier of model '{model[:200]}'", param="model",
+                           code="model_not_allowed")
+        return name, tiers, tenant_tiers
+
     def start(self, v: View, rid: str, tenant: str, route: str, tiers: tuple[str, ...],
               tenant_tiers: frozenset[str] | None, counts: dict[str, int], limit: int | None,
               slo: tuple[str, float | None, float | None], t0: float) -> Pending:
@@ -126,6 +161,7 @@ class Lifecycle:
 
     async def gather(self, p: Pending, hashes: dict[str, PrefixHashes]) -> None:
         """Expected cached tokens per candidate: one batched lookup in the affinity index."""
+        p.hashes = hashes
         p.cached, p.affinity = await p.view.affinity.lookup(hashes)
 
     def evaluate(self, p: Pending) -> RoutingDecision:
@@ -182,6 +218,8 @@ class Lifecycle:
         if cap is not None and admitted.granted is not None:
             cap = admitted.granted
         p.decision = self._after_reload(p, tuple(t for t in p.tiers if t in tried))
+        if self.recorder is not None:
+            self.recorder.begin(p)
         return cap, admitted
 
     def _after_reload(self, p: Pending, tiers: tuple[str, ...]) -> RoutingDecision:
@@ -271,6 +309,8 @@ class Lifecycle:
             at_ms=p.wall_ms or self.wall_ms(), source="backend" if usage is not None else "counted")
         if self.accountant is not None and p.aid:
             self.accountant.settle(p.tenant, p.aid, record)
+        if self.recorder is not None:
+            self.recorder.end(p, out, record)
         self._report(p, out, record, now)
         return record
 

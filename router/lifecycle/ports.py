@@ -80,5 +80,8 @@ class View(Protocol):
     @property
     def affinity(self) -> Affinity: ...
 
+    @property
+    def models(self) -> dict[str, str]: ...   # lower-cased model name or alias -> route (policies/models.py)
+
 
 Clock = Callable[[], float]
