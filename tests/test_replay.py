@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from backends.kv_events import BlockRemoved
 from backends.sim.engine import Engine, SimRequest
-from backends.sim.kvcache import block_hashes
+from backends.sim.kvcache import KVCache, block_hashes
 from backends.sim.profile import get_profile
 from backends.sim.run import running_sim
 from backends.sim.virtual import VirtualEngine
@@ -118,6 +120,126 @@ def test_virtual_engine_matches_the_plain_step_loop(profile: str, blocks: int) -
     if blocks < 10_000:
         assert plain_engine.stats.preemptions > 0
     assert ve.engine.kv.num_free == ve.engine.kv.num_blocks   # every block given back
+
+
+def test_a_blocked_request_is_not_retried_when_nothing_changed() -> None:
+    """Under KV pressure the head request waits step after step; skipping retries that could change nothing
+    gives every request the same timings (and skips almost all of them)."""
+    wl = _workload(3, 300)
+    runs = []
+    for skip in (True, False):
+        vt = [0.0]
+        e = Engine(get_profile("qwen3-1.7b-fp8"), num_gpu_blocks=600, clock=lambda vt=vt: vt[0], keep_latencies=False)
+        if not skip:
+            e._still_blocked = lambda req, budget: False   # type: ignore[method-assign]
+        reqs = _plain(e, vt, wl)
+        runs.append(([(r.first_token_at, r.finished_at, r.cached_tokens, r.preemptions) for r in reqs],
+                     e.kv.gen_touch))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] * 10 < runs[1][1]
+
+
+class _PerBlockKV:
+    """The KV cache one block at a time (OrderedDict LRU): the model the array form must equal."""
+
+    def __init__(self, n: int) -> None:
+        self.never = list(range(n - 1, -1, -1))
+        self.ev: OrderedDict[int, int] = OrderedDict()
+        self.by_hash: dict[int, int] = {}
+        self.hash_of: dict[int, int] = {}
+        self.ref = [0] * n
+        self.removed: list[int] = []
+
+    def match(self, hashes: list[int]) -> list[int]:
+        out = []
+        for h in hashes:
+            if h not in self.by_hash:
+                break
+            out.append(self.by_hash[h])
+        return out
+
+    def touch(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.ref[b] == 0:
+                self.ev.pop(b, None)
+            self.ref[b] += 1
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self.never) + len(self.ev):
+            return None
+        out = []
+        for _ in range(n):
+            if self.never:
+                b = self.never.pop()
+            else:
+                b, h = self.ev.popitem(last=False)
+                del self.hash_of[b]
+                if self.by_hash.get(h) == b:
+                    del self.by_hash[h]
+                    self.removed.append(h)
+            self.ref[b] = 1
+            out.append(b)
+        return out
+
+    def cache_block(self, b: int, h: int) -> None:
+        if b in self.hash_of or h in self.by_hash:
+            return
+        self.hash_of[b] = h
+        self.by_hash[h] = b
+
+    def free(self, blocks: list[int]) -> None:
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self.hash_of:
+                    self.ev[b] = self.hash_of[b]
+                else:
+                    self.never.append(b)
+
+
+def test_kv_cache_arrays_equal_the_per_block_model() -> None:
+    rng = random.Random(5)
+    model, kv = _PerBlockKV(300), KVCache(300, 16)
+    removed: list[int] = []
+    kv.listener = lambda ev: removed.extend(ev.block_hashes if isinstance(ev, BlockRemoved) else [])  # type: ignore
+    held: list[list[int]] = []
+    for _ in range(4000):
+        op = rng.random()
+        if op < 0.35:
+            base = rng.randrange(40)
+            hashes = [base * 1000 + j for j in range(rng.randint(1, 30))]
+            hits = kv.match(hashes)
+            assert hits == model.match(hashes)
+            kv.touch(hits)
+            model.touch(hits)
+            n = len(hashes) - len(hits)
+            got = kv.allocate(n)
+            assert got == model.allocate(n)
+            if got is None:
+                kv.free(hits)
+                model.free(hits)
+                continue
+            blocks = hits + got
+            for b, h in zip(blocks, hashes, strict=True):
+                kv.cache_block(b, h)
+                model.cache_block(b, h)
+            held.append(blocks)
+        elif op < 0.7 and held:
+            blocks = held.pop(rng.randrange(len(held)))
+            kv.free(blocks)
+            model.free(blocks)
+        elif op < 0.72:
+            assert kv.reset()
+            for b, h in list(model.ev.items()):
+                del model.hash_of[b]
+                if model.by_hash.get(h) == b:
+                    del model.by_hash[h]
+                    model.removed.append(h)
+                model.never.append(b)
+            model.ev.clear()
+        assert kv.num_free == len(model.never) + len(model.ev)
+        assert kv.evictable() == list(model.ev)
+    assert removed == model.removed and removed
 
 
 # --- block hashes without token ids -----------------------------------------------------------

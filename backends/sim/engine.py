@@ -114,6 +114,7 @@ class Engine:
         self.stats = EngineStats()
         self.output_vocab = list(output_vocab) or list(range(1000, 3000))
         self.slow_factor: Callable[[], float] = lambda: 1.0
+        self._blocked: tuple[SimRequest, int, int, int, object] | None = None   # see _still_blocked
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -216,8 +217,11 @@ class Engine:
         while self.waiting and budget > 0 and len(self.running) + others < prof.max_num_seqs:
             req = self.waiting[0]
             if not req.blocks and req.num_computed == 0:
+                if self._still_blocked(req, budget):
+                    break
                 hit = self.kv.match(req.hashes)
                 max_hit = (req.total_len - 1) // prof.block_size
+                watch = req.hashes[len(hit)] if len(hit) < min(max_hit, len(req.hashes)) else None
                 hit = hit[:max_hit]
                 first = req.cached_tokens < 0
                 self.kv.touch(hit)
@@ -236,6 +240,8 @@ class Engine:
                 self.kv.free(req.blocks)
                 req.blocks = []
                 req.num_computed = 0
+                if req.cached_tokens >= 0 and prof.chunked_prefill:
+                    self._blocked = (req, self.kv.gen_free, self.kv.gen_touch, budget, watch)
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -244,6 +250,20 @@ class Engine:
                 self.stats.queue_time.append(self.clock() - req.arrival)
             out.append((req, n))
             budget -= n
+
+    def _still_blocked(self, req: SimRequest, budget: int) -> bool:
+        """The head request failed to get its blocks, and trying again now would change nothing and fail
+        again: since then no block was freed (nothing went back to the LRU queue, none came free), none was
+        touched, the hash its prefix match stopped at is still not cached, and the token budget is not
+        smaller. Its last try left its prefix hits at the queue's tail in their order, and allocations since
+        only took blocks from the queue's head, so matching, touching and freeing them again would leave
+        every block where it is. (The replay retries a blocked request every step; this keeps that free.)"""
+        b = self._blocked
+        if b is None or b[0] is not req:
+            return False
+        kv = self.kv
+        return b[1] == kv.gen_free and b[2] == kv.gen_touch and budget >= b[3] and \
+            (b[4] is None or not kv.has(b[4]))
 
     def step_time(self, batch: Sequence[tuple[SimRequest, int]], decode_seqs: int = 0, decode_ctx: int = 0) -> float:
         """`decode_seqs`, `decode_ctx`: decoding requests not in `batch` and their computed tokens (virtual.py)."""
@@ -273,13 +293,7 @@ class Engine:
                 continue
             before = req.num_computed
             req.num_computed += n
-            for bi in range(before // bs, req.num_computed // bs):
-                h = req.hashes[bi] if bi < len(req.hashes) else self._extend_hash(req, bi)
-                if self.kv.listener is None:
-                    self.kv.cache_block(req.blocks[bi], h)
-                else:
-                    self.kv.cache_block(req.blocks[bi], h, req.hashes[bi - 1] if bi else None,
-                                        functools.partial(_block_tokens, req, bi, bs))
+            self._cache_full_blocks(req, before // bs, req.num_computed // bs)
             if req.num_computed < req.total_len:
                 continue
             if req.first_token_at is None:
@@ -303,6 +317,22 @@ class Engine:
                 self._finish(req, "length" if req.length_capped else "stop")
             else:
                 req.event.set()
+
+    def _cache_full_blocks(self, req: SimRequest, a: int, b: int) -> None:
+        """Blocks [a, b) of `req` are full: cache them under their chained hashes (and tell the listener)."""
+        if a >= b:
+            return
+        if self.kv.listener is None and b <= len(req.hashes):
+            self.kv.cache_run(req.blocks, req.hashes, a, b)
+            return
+        bs = self.profile.block_size
+        for bi in range(a, b):
+            h = req.hashes[bi] if bi < len(req.hashes) else self._extend_hash(req, bi)
+            if self.kv.listener is None:
+                self.kv.cache_block(req.blocks[bi], h)
+            else:
+                self.kv.cache_block(req.blocks[bi], h, req.hashes[bi - 1] if bi else None,
+                                    functools.partial(_block_tokens, req, bi, bs))
 
     def _extend_hash(self, req: SimRequest, bi: int) -> int:
         bs = self.profile.block_size

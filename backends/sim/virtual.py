@@ -139,19 +139,27 @@ class VirtualEngine:
         self._cache(req, d, req.num_computed // self.bs)
 
     def _cache(self, req: SimRequest, d: _Dec, upto: int) -> None:
-        kv, e = self.engine.kv, self.engine
-        for bi in range(d.cached, upto):
-            h = req.hashes[bi] if bi < len(req.hashes) else e._extend_hash(req, bi)
-            kv.cache_block(req.blocks[bi], h)
+        self.engine._cache_full_blocks(req, d.cached, upto)
         d.cached = max(d.cached, upto)
 
-    def _fill(self, req: SimRequest, d: _Dec) -> None:
-        """Its last block is full: cache it and allocate the next (the caller counted it free)."""
-        self._cache(req, d, len(req.blocks))
-        got = self.engine.kv.allocate(1)
-        assert got is not None, "a decoder's next block was counted free"
-        req.blocks.extend(got)
-        d.fill += self.bs
+    def _fill(self, items: list[tuple[int, int, SimRequest]]) -> None:
+        """Decoders whose last block filled (one item per fill, in step order): cache each full block and
+        allocate the next (the caller counted them free). All allocations are made first: they only take
+        blocks off the free list and the LRU head, which caching (of blocks in use) never touches. (The one
+        difference: a decoder's block whose exact content an evictable block also holds is cached if that
+        block is evicted by the same batch; decoders' outputs are their own, so it does not arise.)"""
+        got = self.engine.kv.allocate(len(items))
+        assert got is not None, "a decoder's next blocks were counted free"
+        per: dict[SimRequest, int] = {}
+        for _, _, req in items:
+            per[req] = per.get(req, 0) + 1
+        at, bs = 0, self.bs
+        for req, n in per.items():
+            d = self.dec[req]
+            req.blocks.extend(got[at:at + n])
+            at += n
+            d.fill += n * bs
+            self._cache(req, d, len(req.blocks) - 1)   # every block but the newest is full
 
     def _push_fill(self, req: SimRequest, d: _Dec) -> None:
         self.seq += 1
@@ -257,10 +265,10 @@ class VirtualEngine:
             dt = e.step_time(self.batch) if self.batch else e.profile.step_overhead_s
             self.wake_at = t + dt
             return
-        for _, _, req in due:
-            d = self.dec[req]
-            self._fill(req, d)
-            self._push_fill(req, d)
+        if due:
+            self._fill(due)
+            for _, _, req in due:
+                self._push_fill(req, self.dec[req])
         out: list[tuple[SimRequest, int]] = []
         budget, preempted = e.schedule_running(e.profile.max_num_batched_tokens - r, out)
         if not preempted:
@@ -313,13 +321,11 @@ class VirtualEngine:
 
     def _jump_kv(self, upto: int) -> None:
         """A jump's block work for fills up to step `upto` (cache the full block, allocate the next)."""
-        n = 0
-        for f, _, req in self.jump_fills:
-            if f > upto:
-                break
-            self._fill(req, self.dec[req])
-            n += 1
-        del self.jump_fills[:n]
+        fills = self.jump_fills
+        n = bisect_right(fills, upto, key=lambda x: x[0])
+        if n:
+            self._fill(fills[:n])
+            del fills[:n]
 
     def _unjump_fills(self) -> None:
         for req in self.jump_decs:

@@ -5,8 +5,10 @@ Per (tier, instance) one index of block hash -> score, as the Redis ZSET: a reco
 `(now_ms - ttl) x 1024 - 1024`, then trims the lowest (score, member) pairs to the capacity, and the key
 expires `ttl` after its last record. A lookup binary-searches each instance for the longest present
 prefix of the request's hashes (an entry older than the TTL counts as absent), as the Lua script does.
-Order by (score, member) is kept in a heap with lazy deletion (rebuilt when stale entries outnumber live
-ones), so a record costs O(hashes x log n).
+Order by (score, member) is kept as one bucket of entries per millisecond (a record's hashes, in order),
+ordered within a bucket only when trimming reaches it: a member's latest entry is live, older ones are
+skipped (and the buckets rebuilt when stale entries outnumber live ones), so a record, and each member
+it later trims, costs O(1) (the clock of a replay only goes forward; one that goes back inserts a bucket).
 
 Time is the injected `clock_ms` (the replay's virtual clock). Nothing here waits or fails: the breaker,
 timeouts and the pending-task bound of the Redis store have nothing to guard, and `record_later`
@@ -16,38 +18,103 @@ operations and asserts the same answers.
 
 from __future__ import annotations
 
-import heapq
 import time
+from bisect import insort
 from collections.abc import Callable, Sequence
 
 
+class _Bucket:
+    """The entries recorded in one millisecond: (index in its record, member), score = ms x 1024 - index."""
+
+    __slots__ = ("at", "entries", "ordered")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, bytes]] = []
+        self.at = 0              # entries before this were taken (once ordered)
+        self.ordered = False
+
+    def order(self) -> None:
+        """Lowest (score, member) first: the highest index first, members ascending."""
+        rest = self.entries[self.at:]
+        rest.sort(key=lambda e: (-e[0], e[1]))
+        self.entries, self.at, self.ordered = rest, 0, True
+
+
 class _Index:
-    __slots__ = ("expires_at", "heap", "scores")
+    """One instance's ZSET: member -> score, and the members in (score, member) order as buckets per
+    millisecond (each member's latest entry is live; older ones are skipped when met)."""
+
+    __slots__ = ("buckets", "entries", "expires_at", "head", "order", "scores")
 
     def __init__(self) -> None:
         self.scores: dict[bytes, int] = {}
-        self.heap: list[tuple[int, bytes]] = []
+        self.buckets: dict[int, _Bucket] = {}
+        self.order: list[int] = []          # bucket milliseconds, ascending, from `head`
+        self.head = 0
+        self.entries = 0                     # entries held in buckets (live or stale)
         self.expires_at = 0
 
-    def pop_lowest(self) -> None:
-        scores, heap = self.scores, self.heap
-        while heap:
-            s, h = heapq.heappop(heap)
-            if scores.get(h) == s:
-                del scores[h]
+    def add(self, ms: int, hashes: Sequence[bytes]) -> None:
+        b = self.buckets.get(ms)
+        if b is None:
+            b = self.buckets[ms] = _Bucket()
+            if not self.order[self.head:] or ms > self.order[-1]:
+                self.order.append(ms)
+            else:                            # an earlier millisecond than the newest (a clock that went back)
+                insort(self.order, ms, lo=self.head)
+        b.entries.extend(enumerate(hashes))
+        b.ordered = False
+        self.entries += len(hashes)
+        base = ms * 1024
+        self.scores.update(zip(hashes, range(base, base - len(hashes), -1), strict=True))
+
+    def _take(self, k: int, below: int | None) -> None:
+        """Remove the k lowest members (k < 0: all) scored below `below` (None: any score)."""
+        scores = self.scores
+        while k and self.head < len(self.order):
+            ms = self.order[self.head]
+            b = self.buckets[ms]
+            if not b.ordered:
+                b.order()
+            base, entries, at = ms * 1024, b.entries, b.at
+            while k and at < len(entries):
+                i, m = entries[at]
+                if below is not None and base - i >= below:
+                    b.at = at
+                    return
+                at += 1
+                if scores.get(m) == base - i:
+                    del scores[m]
+                    k -= 1
+            b.at = at
+            if at < len(entries):
                 return
+            self.entries -= len(entries)
+            del self.buckets[ms]
+            self.head += 1
+        if self.head > 64 and self.head * 2 > len(self.order):
+            del self.order[: self.head]
+            self.head = 0
 
     def drop_below(self, min_score: int) -> None:
-        scores, heap = self.scores, self.heap
-        while heap and heap[0][0] < min_score:
-            s, h = heapq.heappop(heap)
-            if scores.get(h) == s:
-                del scores[h]
+        self._take(-1, min_score)
+
+    def pop_lowest(self, k: int) -> None:
+        self._take(k, None)
 
     def compact(self) -> None:
-        if len(self.heap) > 2 * len(self.scores) + 64:
-            self.heap = [(s, h) for h, s in self.scores.items()]
-            heapq.heapify(self.heap)
+        """Rebuild the buckets from the live members when stale entries outnumber them."""
+        if self.entries <= 3 * len(self.scores) + 16384:
+            return
+        groups: dict[int, list[tuple[int, bytes]]] = {}
+        for m, sc in self.scores.items():
+            ms = -(-sc // 1024)
+            groups.setdefault(ms, []).append((ms * 1024 - sc, m))
+        self.buckets, self.order, self.head = {}, sorted(groups), 0
+        for ms, entries in groups.items():
+            b = self.buckets[ms] = _Bucket()
+            b.entries = entries
+        self.entries = len(self.scores)
 
 
 class MemoryAffinityStore:
@@ -76,11 +143,14 @@ class MemoryAffinityStore:
                 continue
             for inst in instances:
                 idx = self._get(tier, inst, now)
-                scores = idx.scores if idx is not None else {}
+                if idx is None:
+                    out[(tier, inst)] = 0
+                    continue
+                get = idx.scores.get
                 lo, hi = 0, len(hashes)
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
-                    s = scores.get(hashes[mid - 1])
+                    s = get(hashes[mid - 1])
                     if s is not None and s >= min_score:
                         lo = mid
                     else:
@@ -101,18 +171,11 @@ class MemoryAffinityStore:
         idx = self._get(tier, instance, now)
         if idx is None:
             idx = self._keys[(tier, instance)] = _Index()
-        scores, heap = idx.scores, idx.heap
-        base = now * 1024
-        push = heapq.heappush
-        for i, h in enumerate(hashes):
-            s = base - i
-            if scores.get(h) != s:
-                scores[h] = s
-                push(heap, (s, h))
+        idx.add(now, hashes)     # ZADD: the newest score wins; a member's older entry goes stale
         idx.drop_below((now - ttl) * 1024 - 1024)
-        n = len(scores)
-        for _ in range(n - capacity_blocks):
-            idx.pop_lowest()
+        n = len(idx.scores)
+        if n > capacity_blocks:
+            idx.pop_lowest(n - capacity_blocks)
         idx.compact()
         idx.expires_at = now + ttl
         return min(n, capacity_blocks)
@@ -126,7 +189,7 @@ class MemoryAffinityStore:
         if idx is None:
             return
         for h in hashes:
-            idx.scores.pop(h, None)   # its heap entries go stale
+            idx.scores.pop(h, None)   # its bucket entries go stale
         idx.compact()
         if not idx.scores:
             del self._keys[(tier, instance)]

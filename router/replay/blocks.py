@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 
 from router.prefix_hash import PrefixHashes, sample_positions
@@ -91,7 +92,8 @@ class Blocks:
         """The sampled positions of the prompt's full blocks and their hashes, as `prefix_hashes` samples."""
         shared, n = self.shared, len(self.shared)
         base = UNIQUE_BASE + (self.serial << 20)
-        pos = [p for p in sample_positions(dense_blocks, max_blocks) if p < self.prompt_blocks]
+        every = sample_positions(dense_blocks, max_blocks)
+        pos = list(every[: bisect_left(every, self.prompt_blocks)])
         return PrefixHashes([shared[p] if p < n else _q(base + p) for p in pos], pos, self.bs)
 
 
@@ -101,6 +103,7 @@ class BlockChains:
         self.cached = 0
         self.max_cached = max_cached_blocks
         self._gkeys: dict[str, bytes] = {}
+        self._seeds: dict[int, bytes] = {}
 
     def _gkey(self, gid: str) -> bytes:
         k = self._gkeys.get(gid)
@@ -124,7 +127,9 @@ class BlockChains:
 
     def blocks(self, r: TraceRequest, target_output: int, bs: int, serial: int) -> Blocks:
         """`target_output`: the output tokens the engine will generate (the trace's, capped)."""
-        seed = hashlib.blake2b(b"tiergate-replay/%d" % bs, digest_size=8).digest()
+        seed = self._seeds.get(bs)
+        if seed is None:
+            seed = self._seeds[bs] = hashlib.blake2b(b"tiergate-replay/%d" % bs, digest_size=8).digest()
         state: State = (seed, b"", 0)
         shared: list[bytes] = []
         ints: list[int] = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import random
 import tempfile
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ from router.slo import resolve_slo
 T = TypeVar("T")
 EPOCH_MS = 1_767_571_200_000   # 2026-01-05T00:00:00Z: the replay's wall clock starts here (budget periods)
 ENGINE, SCRAPE, ARRIVAL = 0, 1, 2
+_NO_RNG = random.Random(0)    # replayed requests draw no token ids (and nobody waits on their event)
+_NO_EVENT = asyncio.Event()
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -224,9 +227,16 @@ class Replay:
                            slo, t)
             blocks = {bs: self.chains.blocks(r, max(1, r.output), bs, serial)
                       for bs in sorted({self.bs[x] for x in tiers})}
-            hashes = {x: blocks[self.bs[x]].prefix_hashes(v.affinity.specs[x].dense_blocks,
-                                                          v.affinity.specs[x].max_blocks)
-                      for x in tiers if v.affinity.enabled(x)}
+            hashes: dict[str, PrefixHashes] = {}
+            sampled: dict[tuple[int, int, int], PrefixHashes] = {}   # tiers that sample alike share one
+            for x in tiers:
+                if v.affinity.enabled(x):
+                    spec = v.affinity.specs[x]
+                    k = (self.bs[x], spec.dense_blocks, spec.max_blocks)
+                    ph = sampled.get(k)
+                    if ph is None:
+                        ph = sampled[k] = blocks[k[0]].prefix_hashes(k[1], k[2])
+                    hashes[x] = ph
             run_sync(core.gather(p, hashes))
             core.decide(p)
             cap, _ = run_sync(core.admit(p, r.max_tokens))
@@ -256,7 +266,7 @@ class Replay:
         prefill = max(0, r.prompt - cand.cached_tokens)
         dispatched(inst, prefill)
         sim = SimRequest(request_id=p.rid, prompt_ids=range(r.prompt), target_len=target,  # type: ignore[arg-type]
-                         length_capped=capped, token_ids=False)
+                         length_capped=capped, token_ids=False, rng=_NO_RNG, event=_NO_EVENT)
         self.flights[sim] = _Flight(p, out, cand, inst, prefill, hashes, r.stream, cand.tier)
         bs = ve.engine.profile.block_size
         b = blocks.get(bs) or self.chains.blocks(r, max(1, r.output), bs, serial)
