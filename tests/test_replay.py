@@ -342,6 +342,14 @@ def test_replay_counts_refusals_like_the_router() -> None:
                                                   "404 model_not_found": 1}
 
 
+def test_replay_admits_through_the_tenant_limits() -> None:
+    """The demo's `capped` tenant (600 requests per sliding minute) over the budget twin, on virtual time."""
+    trace = list(synth("chat", 900, 4, rate=20.0, tenants=("capped",)))    # ~45 s of traffic, bursts included
+    s = _replay(load_policy(DEMO), trace)
+    assert s["refused"] == {"429 rate_limit_exceeded": 900 - s["served"]} and 600 <= s["served"] < 900
+    assert s["tenants_usd"] == {"capped": pytest.approx(s["usd"])}
+
+
 # --- the CLI -----------------------------------------------------------------------------------
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "router.cli", "replay", *args], cwd=ROOT, capture_output=True,

@@ -245,9 +245,10 @@ class KVCache:
         self._n_evictable += k
 
     def _compact(self, room: int) -> None:
-        live = np.array(self.evictable(), dtype=np.int64)
-        if len(live) + room > len(self._lru):
-            self._lru = np.empty(2 * (len(live) + room), dtype=np.int64)
+        seg = self._lru[self._head:self._tail]
+        live = seg[self._pos[seg] == np.arange(self._head, self._tail)]
+        if 2 * (len(live) + room) > len(self._lru):   # at most half full after compacting: amortized O(1)
+            self._lru = np.empty(4 * (len(live) + room), dtype=np.int64)
         self._lru[:len(live)] = live
         self._pos[live] = np.arange(len(live))
         self._head, self._tail = 0, len(live)
