@@ -328,6 +328,18 @@ def test_replay_runs_the_policy_decision_code(monkeypatch: pytest.MonkeyPatch) -
     assert mine["served"] == demo["served"] == 300
 
 
+def test_replay_writes_a_decision_record_per_served_request() -> None:
+    pol = load_policy(DEMO)
+    trace = list(synth("chat", 50, 5, rate=20.0))
+    run = Replay(pol, shape(pol, {}, {}), decision_records=1000)
+    served = run.run(trace).summary()["served"]
+    assert run.records is not None and len(run.records.records) == served == 50
+    rec = run.records.records[-1]
+    assert run.records.lookup(rec.request_id) is rec
+    assert rec.tier is not None and rec.decision is not None and rec.decision.chosen is not None
+    assert "usd" in rec.est and rec.completion_tokens > 0
+
+
 def test_replay_counts_refusals_like_the_router() -> None:
     pol = load_policy(DEMO)
     trace = [TraceRequest(t=0.0, tenant="nobody", model="auto", prompt=10, output=5),

@@ -42,6 +42,7 @@ from router.budget_store import Usage
 from router.errors import ApiError
 from router.journal import Journal
 from router.lifecycle.core import Lifecycle, Pending, chosen, dispatched, prefilled, released
+from router.lifecycle.records import MemoryRecordSink
 from router.metrics import RouterMetrics
 from router.prefix_hash import PrefixHashes
 from router.relay import Outcome
@@ -92,8 +93,12 @@ class _Flight:
 
 class Replay:
     def __init__(self, policy: Policy, sizes: dict[str, tuple[SimProfile, int]], *, scrape_interval_s: float = 1.0,
-                 max_attempts: int = 3, progress: Callable[[int, float], None] | None = None) -> None:
+                 max_attempts: int = 3, progress: Callable[[int, float], None] | None = None,
+                 decision_records: int = 1000) -> None:
+        """`decision_records`: the last N decision records kept in `self.records` (as the live driver keeps
+        them in Redis), looked up by request id; 0 keeps none."""
         self.now = 0.0
+        self.records = MemoryRecordSink(decision_records) if decision_records > 0 else None
         self.aff = MemoryAffinityStore(self.wall_ms)
         self.budget = MemoryBudgetStore(clock_ms=self.wall_ms, keep_s=600.0, ledger_maxlen=0)
         self.view, self.registry, engines = build(policy, sizes, lambda: self.now, self.aff)
@@ -102,7 +107,8 @@ class Replay:
         self.accountant = ReplayAccountant(pol, self.budget, Journal(Path(self._tmp.name)), RouterMetrics(),
                                            clock=lambda: self.wall_ms() / 1000)
         self.core = Lifecycle(self.registry, accountant=self.accountant, max_attempts=max_attempts,
-                              clock=lambda: self.now, wall_ms=self.wall_ms, new_id=self._new_id)
+                              clock=lambda: self.now, wall_ms=self.wall_ms, new_id=self._new_id,
+                              records=self.records)
         self.chains = BlockChains()
         self.scrape_interval_s = scrape_interval_s
         self.progress = progress
