@@ -28,7 +28,7 @@ from router.accounting import Accountant
 from router.affinity_store import AffinityStore
 from router.errors import ApiError
 from router.explain import decision_doc, header_value, wants_explain, with_explain
-from router.lifecycle.core import MIN_FLEX_TOKENS, Lifecycle, Pending, allowed_models
+from router.lifecycle.core import Lifecycle, Pending, allowed_models
 from router.lifecycle.records import RecordSink
 from router.live_policy import PolicyView, build_view
 from router.logs import get_logger
@@ -39,7 +39,7 @@ from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
 from router.shadow import Shadow
 from router.slo import resolve_slo
 
-__all__ = ["MIN_FLEX_TOKENS", "Gateway", "Reply", "forward_body"]
+__all__ = ["Gateway", "Reply", "forward_body"]
 
 _decode_any = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
@@ -156,10 +156,6 @@ class Gateway:
                            code="invalid_value")
         return body, req
 
-    def _route(self, v: PolicyView, tenant: str, model: str) -> tuple[str, tuple[str, ...], frozenset[str] | None]:
-        """(route name, the tiers this tenant may use in it, the tenant's tiers or None for all): the core's."""
-        return self.core.route(v, tenant, model)
-
     async def _prepare(self, v: PolicyView, tenant: str, kind: str, raw: bytes, rid: str,
                        headers: Mapping[str, str]) -> tuple[dict[str, Any], ChatRequest | CompletionRequest,
                                                             Pending, dict[str, Any]]:
@@ -168,7 +164,7 @@ class Gateway:
         t0 = core.clock()
         slo = resolve_slo(v.policy, tenant, headers)
         body, req = self._parse(kind, raw)
-        route_name, tiers, tenant_tiers = self._route(v, tenant, req.model)
+        route_name, tiers, tenant_tiers = core.route(v, tenant, req.model)
         if isinstance(req, ChatRequest):
             ids = await v.prompts.chat_ids(tiers, req, body)
         else:

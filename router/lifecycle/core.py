@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from backends.registry import Ewma, InstanceState, Registry
 from policies.predict import queued_requests
-from policies.schema import Policy
+from policies.schema import Policy, TenantSpec
 from policies.types import Candidate, RoutingDecision, RoutingRequest
 from router.accounting import Accountant, Admitted, cost_units
 from router.budget_store import FlexBudget, Usage, price_units, usd
@@ -76,9 +76,13 @@ class Pending:
     closed: bool = False
 
 
+def may_use(spec: TenantSpec, route: str) -> bool:
+    return "*" in spec.allowed_models or route in spec.allowed_models
+
+
 def allowed_models(pol: Policy, tenant: str) -> list[str]:
     spec = pol.tenants[tenant]
-    return [m for m in pol.routes if "*" in spec.allowed_models or m in spec.allowed_models]
+    return [m for m in pol.routes if may_use(spec, m)]
 
 
 def dispatched(inst: InstanceState, prefill: int) -> None:
@@ -134,7 +138,7 @@ class Lifecycle:
             raise ApiError(404, f"The model '{model[:200]}' does not exist. Known models: "
                            f"{', '.join(allowed_models(pol, tenant))}", param="model", code="model_not_found")
         spec = pol.tenants[tenant]
-        if "*" not in spec.allowed_models and name not in spec.allowed_models:
+        if not may_use(spec, name):
             raise ApiError(403, f"this key may not use model '{model[:200]}'", param="model",
                            code="model_not_allowed")
         tenant_tiers = None if "*" in spec.allowed_tiers else frozenset(spec.allowed_tiers)
