@@ -135,9 +135,8 @@ class Accountant:
             try:
                 self._admit_without_store(tenant, spec, tokens, reserve, daily, monthly)
             except ApiError:
-                if self.store is not None:   # the script may still run late: undo it (an admitted one settles)
-                    self.unknown[rid] = tenant
-                    self._spawn(self._release_unknown())
+                if self.store is not None:   # the script may still run late: `background` undoes it within a
+                    self.unknown[rid] = tenant  # second of Redis answering (an admitted one settles by its id)
                 raise
             return Admitted()
         self.store_ok = True
