@@ -197,7 +197,7 @@ async def _slowloris(url: str, n: int) -> list[bytes | None]:
                     chunk = await r.read(65536)
             except TimeoutError:
                 continue
-            except ConnectionResetError:      # closed while our next line was on its way
+            except ConnectionError:           # reset or broken pipe: closed while our next line was on its way
                 return got
             if not chunk:
                 return got
