@@ -6,10 +6,11 @@ each tier's `prefill_tokens_per_s` is seeded from its simulator profile, as an o
 * money: the demo's `money` profile (policies/plugins/expected_money.py);
 * weighted: the previous weighted profile (expected_cost + prefix_affinity + load, bounded_load);
 * always-balanced: everything on the 4B `balanced` tier, `long` only for prompts that don't fit it;
-* cheapest-fits: the cheapest tier whose context fits (expected_cost alone), spread by hash within it;
+* cheapest-fits: the cheapest tier whose context fits by list price (`list_price`), spread by hash
+  within it (as bench/routing_quality.py's round robin within the tier);
+* litellm-lowest-cost: LiteLLM's lowest-cost strategy: the cheapest list price that fits, its first
+  instance (`max_score` with `ties: order`): no load, no cache, no SLO;
 * round-robin: any tier whose context fits, spread by hash (no scorer).
-LiteLLM's lowest-cost router is cheapest-fits pinned to one deployment; it is not expressible as a
-policy profile and is left out here (bench/routing_quality.py runs it live).
 
 Usage: python bench/routing_replay.py [--requests 20000] [--seed 1] [--replicas fast=24,balanced=16,long=8]
          [--rate 60] [--json]
@@ -31,8 +32,13 @@ PREFILL = {"fast": 190200, "balanced": 72600, "long": 52600}   # backends/sim/pr
 PROFILES = {
     "cheapest-fits": """  cheapest-fits:
     filters: [{type: tier_allowed}, {type: context_fits, params: {min_completion_tokens: 16}}, {type: healthy}]
-    scorers: [{type: expected_cost}]
+    scorers: [{type: list_price}]
     picker: {type: max_score}
+""",
+    "litellm-lowest-cost": """  litellm-lowest-cost:
+    filters: [{type: tier_allowed}, {type: context_fits, params: {min_completion_tokens: 16}}, {type: healthy}]
+    scorers: [{type: list_price}]
+    picker: {type: max_score, params: {ties: order}}
 """,
     "round-robin": """  round-robin:
     filters: [{type: tier_allowed}, {type: context_fits, params: {min_completion_tokens: 16}}, {type: healthy}]
@@ -62,7 +68,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--rate", type=float, default=60.0)
     ap.add_argument("--replicas", default="fast=24,balanced=16,long=8")
-    ap.add_argument("--policies", default="money,weighted,always-balanced,cheapest-fits,round-robin")
+    ap.add_argument("--policies",
+                    default="money,weighted,always-balanced,cheapest-fits,litellm-lowest-cost,round-robin")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tg-routing-replay-"))

@@ -11,6 +11,7 @@ from policies.plugins.context_fits import ContextFits
 from policies.plugins.expected_cost import ExpectedCost
 from policies.plugins.expected_money import ExpectedMoney
 from policies.plugins.healthy import Healthy
+from policies.plugins.list_price import ListPrice
 from policies.plugins.load import Load
 from policies.plugins.max_score import MaxScore
 from policies.plugins.prefix_affinity import PrefixAffinity
@@ -29,6 +30,7 @@ KNOWN_FILTERS: dict[str, Callable[..., Filter]] = {
 KNOWN_SCORERS: dict[str, Callable[..., Scorer]] = {
     "expected_cost": ExpectedCost,
     "expected_money": ExpectedMoney,
+    "list_price": ListPrice,
     "load": Load,
     "prefix_affinity": PrefixAffinity,
 }

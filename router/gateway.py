@@ -224,15 +224,14 @@ class Gateway:
 
         try:
             up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out,
-                                           done, counts, slo=p.rreq)
+                                           done, counts, slo=p.rreq,
+                                           on_dispatch=lambda c: v.affinity.record(c.tier, c.instance_id, hashes))
         except BaseException:
             if not p.closed:  # cancelled before any answer (client gone): release the reservation
                 out.status = out.status or 499
                 out.error = out.error or "client disconnected before the response"
                 done()
             raise
-        if out.tier is not None and out.instance is not None and up.status == 200:
-            v.affinity.record(out.tier, out.instance, hashes)
         reply_headers = {"x-request-id": rid, "x-tiergate-tier": out.tier or "",
                          "x-tiergate-instance": out.instance or "",
                          "x-tiergate-overhead-ms": f"{p.overhead * 1000:.3f}", **admitted.headers}

@@ -39,6 +39,7 @@ from policies.schema import TierSpec
 from policies.types import Candidate, RoutingRequest
 from router.deadlines import Deadlines
 from router.errors import ApiError
+from router.lifecycle.core import dispatched, released
 from router.logs import get_logger
 from router.relay import Outcome, Relay, prefilled
 from router.schemas import UsageEnvelope
@@ -70,6 +71,7 @@ class _Tries:
     too_long: int = 0                        # the largest context a backend has refused this prompt at
     suspects: list[tuple[InstanceState, str]] = field(default_factory=list)  # failures held pending
     refused: bool = False                    # an instance answered 4xx, or the request is a query of death
+    on_dispatch: Callable[[Candidate], None] | None = None   # called as each attempt is sent
 
 
 class _Attempt:
@@ -92,7 +94,7 @@ class _Attempt:
         if not self.released:
             self.released = True
             self.prefilled()
-            self.inst.in_flight -= 1
+            released(self.inst)
 
 
 def _logged(exc: ApiError) -> ApiError:
@@ -114,10 +116,13 @@ class Forwarder(Relay):
 
     async def send(self, ranked: list[Candidate], path: str, body_for: Callable[[str], bytes], stream: bool,
                    client_wants_usage: bool, out: Outcome, on_done: Callable[[], None],
-                   prompt_tokens: dict[str, int] | None = None, slo: RoutingRequest | None = None) -> Upstream:
+                   prompt_tokens: dict[str, int] | None = None, slo: RoutingRequest | None = None,
+                   on_dispatch: Callable[[Candidate], None] | None = None) -> Upstream:
         """Try candidates in rank order (each at most once) until one answers well-formed with a status
-        that is not retried; `slo`: the routing request, whose targets and predictions set the deadlines."""
-        tries = _Tries()
+        that is not retried; `slo`: the routing request, whose targets and predictions set the deadlines;
+        `on_dispatch(cand)`: called as each attempt is sent (the gateway records the prompt's prefix
+        there, so the next request with that prefix finds it while this one is still queued or prefilling)."""
+        tries = _Tries(on_dispatch=on_dispatch)
         try:
             for cand in ranked[: self.max_attempts]:
                 inst = self._usable(cand, tries, out)
@@ -175,10 +180,10 @@ class Forwarder(Relay):
                        may_fall_back: bool) -> Upstream | None:
         """One try on one instance: the answer for the client, or None to try the next candidate."""
         out.attempts += 1
-        inst.in_flight += 1
         a = _Attempt(inst, max(0, (prompt_tokens or {}).get(cand.tier, 0) - cand.cached_tokens))
-        inst.pending_requests += 1
-        inst.pending_tokens += a.prefill
+        dispatched(inst, a.prefill)
+        if tries.on_dispatch is not None:
+            tries.on_dispatch(cand)
         rt = self.registry.tiers.get(cand.tier)
         spec = rt.spec if rt is not None else None
         limit = self.deadlines.first_byte_s(slo, cand, spec)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -143,3 +144,27 @@ def test_cost_and_load_choose_cheapest_then_least_loaded() -> None:
 def test_deploy_policy_is_valid() -> None:
     p = load_policy(ROOT / "deploy" / "policy.compose.yaml")
     assert all(t.instances for t in p.tiers.values())
+
+
+def test_list_price_and_ordered_ties_pick_the_first_cheapest_instance_as_litellm_does() -> None:
+    def cand(tier: str, iid: str, pin: float, pout: float, cached: int = 0) -> Candidate:
+        return Candidate(tier=tier, instance_id=iid, max_model_len=40960, price_input=pin, price_cached_input=pin / 5,
+                         price_output=pout, cached_tokens=cached)
+
+    req = RoutingRequest(request_id="r", tenant="t", virtual_model="auto", route_tiers=("fast", "balanced"),
+                         tenant_tiers=None, prompt_tokens={"fast": 1000, "balanced": 1000}, max_tokens=64,
+                         default_completion_tokens=1024)
+    # the cache on balanced/b2 would make it cheaper per request; the list price ignores it
+    cands = [cand("balanced", "b1", 0.15, 0.6), cand("fast", "f1", 0.05, 0.2), cand("fast", "f2", 0.05, 0.2),
+             cand("balanced", "b2", 0.15, 0.6, cached=1000)]
+    scores, why = KNOWN_SCORERS["list_price"]().score(req, cands)
+    assert scores == [pytest.approx(0.25 / 0.75), 1.0, 1.0, pytest.approx(0.25 / 0.75)] and "0.25" in why
+    ordered = KNOWN_PICKERS["max_score"](ties="order")
+    for rid in ("a", "b", "c", "d"):      # every request: the first listed of the equally cheap
+        order, _ = ordered.pick(msgspec.structs.replace(req, request_id=rid), cands, scores)
+        assert order == [1, 2, 0, 3]
+    hashed = KNOWN_PICKERS["max_score"]()
+    firsts = {hashed.pick(msgspec.structs.replace(req, request_id=str(i)), cands, scores)[0][0] for i in range(40)}
+    assert firsts == {1, 2}               # the default spreads ties
+    with pytest.raises(ValueError, match="ties"):
+        KNOWN_PICKERS["max_score"](ties="first")

@@ -6,10 +6,10 @@ arrivals; then the order they were made):
   arrival   a trace request: the SLO from its headers (router/slo.py), the route, the core's `start`,
             `gather` (the affinity twin), `decide` (the policy's profile over the registry's candidates),
             `admit` (the real `Accountant` over the budget twin); then dispatch to the chosen instance:
-            the load counts the forwarder keeps (`dispatched`), the engine request with the max_tokens
-            the live router would forward;
+            the load counts the forwarder keeps (`dispatched`), the affinity record the forwarder writes
+            as it sends, the engine request with the max_tokens the live router would forward;
   engine    the end of an engine's step or decode run (backends/sim/virtual.py): first tokens (the
-            stream's first byte: `chosen`, `prefilled`, the affinity record) and finishes (the usage,
+            stream's first byte: `chosen`, `prefilled`) and finishes (the usage,
             `released`, the core's `close_out`: billing, learning the tier's TTFT/TPOT/prefill rate and
             the route's output length, settling in the budget twin);
   scrape    every `scrape_interval_s`, each instance's running, waiting and KV usage, as /metrics says.
@@ -86,7 +86,6 @@ class _Flight:
     cand: Candidate
     inst: InstanceState
     prefill: int
-    hashes: dict[str, PrefixHashes]
     stream: bool
     tier: str
 
@@ -271,9 +270,10 @@ class Replay:
         out = Outcome(attempts=1)
         prefill = max(0, r.prompt - cand.cached_tokens)
         dispatched(inst, prefill)
+        self.view.affinity.record(cand.tier, cand.instance_id, hashes)   # as the forwarder does as it sends
         sim = SimRequest(request_id=p.rid, prompt_ids=range(r.prompt), target_len=target,  # type: ignore[arg-type]
                          length_capped=capped, token_ids=False, rng=_NO_RNG, event=_NO_EVENT)
-        self.flights[sim] = _Flight(p, out, cand, inst, prefill, hashes, r.stream, cand.tier)
+        self.flights[sim] = _Flight(p, out, cand, inst, prefill, r.stream, cand.tier)
         bs = ve.engine.profile.block_size
         b = blocks.get(bs) or self.chains.blocks(r, max(1, r.output), bs, serial)
         ve.add(sim, b.ints[: (r.prompt + target) // bs], t)
@@ -283,7 +283,6 @@ class Replay:
         """The stream's first content (else the whole answer): what the forwarder does as it hands over."""
         chosen(f.out, f.cand, 200, t)
         prefilled(f.inst, f.prefill)
-        self.view.affinity.record(f.cand.tier, f.cand.instance_id, f.hashes)
 
     def _first_token(self, sim: SimRequest, t: float) -> None:
         f = self.flights[sim]

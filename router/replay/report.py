@@ -57,6 +57,8 @@ def rows(runs: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
                                                         f"{_f(cls(s, 'ttft_p99_s', c), '{:.3f}')}")
     for t in sorted({t for s in runs.values() for t in s["tiers"]}):
         row(f"requests on {t}", lambda s, t=t: f"{s['tiers'].get(t, 0):,}")
+        row(f"{t}: USD / cache hit", lambda s, t=t: (f"{s['tier_usd'].get(t, 0):.4f} / "
+                                                     f"{(s['tier_cache_hit'].get(t) or 0) * 100:.1f}%"))
     for t in sorted({t for s in runs.values() for t in s["tenants_usd"]}):
         row(f"bill {t} (USD)", lambda s, t=t: _f(s["tenants_usd"].get(t), "{:.4f}"))
     for k in sorted({k for s in runs.values() for k in s["refused"]}):

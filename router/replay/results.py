@@ -9,7 +9,8 @@ Summary per policy:
                       their busy part, and the provisioned cost;
   slo                 per class: TTFT attainment (the share of served requests whose TTFT met the
                       target, as the live router counts it), TPOT attainment, TTFT p50 / p99;
-  tiers               requests per tier; tenants: the bill per tenant (the budget ledger's sums);
+  tiers               requests per tier, with each tier's bill (tier_usd) and prompt cache hit
+                      (tier_cache_hit); tenants: the bill per tenant (the budget ledger's sums);
   refused             requests the router refused, by status and code.
 Percentiles are nearest-rank over every served request of the class. Nothing here reads a clock.
 """
@@ -50,6 +51,8 @@ class Results:
     cost_units: int = 0
     base_units: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    tier_units: dict[str, int] = field(default_factory=dict)                 # tier -> billed cost units
+    tier_tokens: dict[str, tuple[int, int]] = field(default_factory=dict)    # tier -> (prompt, cached)
     classes: dict[str, _Class] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
     tenants_units: dict[str, int] = field(default_factory=dict)
@@ -70,6 +73,9 @@ class Results:
         self.cost_units += u.cost
         self.base_units += u.base
         self.tiers[u.tier] = self.tiers.get(u.tier, 0) + 1
+        self.tier_units[u.tier] = self.tier_units.get(u.tier, 0) + u.cost
+        p, k = self.tier_tokens.get(u.tier, (0, 0))
+        self.tier_tokens[u.tier] = (p + u.prompt, k + u.cached)
         c = self.classes.get(slo_class)
         if c is None:
             c = self.classes[slo_class] = _Class()
@@ -112,6 +118,8 @@ class Results:
             "makespan_s": round(self.makespan_s, 3),
             "gpu": gpu, "slo": slo,
             "tiers": {t: self.tiers[t] for t in sorted(self.tiers)},
+            "tier_usd": {t: round(self.tier_units[t] / COST_SCALE, 8) for t in sorted(self.tier_units)},
+            "tier_cache_hit": {t: round(k / p, 6) if p else None for t, (p, k) in sorted(self.tier_tokens.items())},
             "tenants_usd": {t: round(self.tenants_units[t] / COST_SCALE, 8) for t in sorted(self.tenants_units)},
             "refused": {k: self.refused[k] for k in sorted(self.refused)},
         }
