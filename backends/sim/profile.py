@@ -36,6 +36,21 @@ class SimProfile(msgspec.Struct, frozen=True, kw_only=True):
         return max(1, self.kv_cache_bytes // (self.kv_bytes_per_token * self.block_size))
 
 
+def time_scaled(prof: SimProfile, scale: float) -> SimProfile:
+    """The profile of a GPU `scale` times slower: every term of `Engine.step_time` (backends/sim/engine.py)
+    is one of these constants times a count, so a step takes exactly `scale` times as long, as the live
+    simulator's `--time-scale` makes it sleep."""
+    if scale == 1.0:
+        return prof
+    if not scale > 0:
+        raise ValueError("time scale must be > 0")
+    return msgspec.structs.replace(
+        prof, name=f"{prof.name}@x{scale:g}", prefill_tokens_per_s=prof.prefill_tokens_per_s / scale,
+        prefill_attn_s_per_token_ctx=prof.prefill_attn_s_per_token_ctx * scale,
+        decode_weight_read_s=prof.decode_weight_read_s * scale, decode_per_seq_s=prof.decode_per_seq_s * scale,
+        hbm_bytes_per_s=prof.hbm_bytes_per_s / scale, step_overhead_s=prof.step_overhead_s * scale)
+
+
 def load_profiles(path: Path = PROFILES_FILE) -> dict[str, SimProfile]:
     raw = yaml.safe_load(path.read_text())
     out: dict[str, SimProfile] = {}

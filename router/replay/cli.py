@@ -45,6 +45,8 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    "the policy's simulate.replicas or its instance count)")
     r.add_argument("--profile", default=None, help="simulator profile per tier, e.g. fast=qwen3-1.7b-fp8 (default: "
                    "the policy's simulate.profile)")
+    r.add_argument("--time-scale", type=float, default=None,
+                   help="every tier's GPUs this many times slower (default: each tier's simulate.time_scale, else 1)")
     r.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes (1.0)")
     r.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -88,7 +90,7 @@ def run_cmd(args: argparse.Namespace) -> int:
         replicas = parse_assignments(args.replicas, "--replicas")
         profiles = parse_assignments(args.profile, "--profile")
         policies = [(name, load_policy(p)) for name, p in zip(_names(paths), paths, strict=True)]
-        sizes = {name: shape(pol, replicas, profiles) for name, pol in policies}
+        sizes = {name: shape(pol, replicas, profiles, args.time_scale) for name, pol in policies}
         if args.scrape_interval <= 0:
             raise ClusterError("--scrape-interval must be > 0")
     except (OSError, PolicyError, ClusterError, ValueError) as exc:

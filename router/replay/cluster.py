@@ -17,7 +17,7 @@ import msgspec
 
 from backends.registry import Registry
 from backends.sim.engine import Engine
-from backends.sim.profile import SimProfile, load_profiles
+from backends.sim.profile import SimProfile, load_profiles, time_scaled
 from policies.engine import Profile, build_profiles
 from policies.models import model_names
 from policies.schema import InstanceSpec, Policy
@@ -54,8 +54,13 @@ def parse_assignments(text: str | None, what: str) -> dict[str, str]:
     return out
 
 
-def shape(policy: Policy, replicas: dict[str, str], profiles: dict[str, str]) -> dict[str, tuple[SimProfile, int]]:
-    """Per tier: (simulator profile, replicas)."""
+def shape(policy: Policy, replicas: dict[str, str], profiles: dict[str, str],
+          time_scale: float | None = None) -> dict[str, tuple[SimProfile, int]]:
+    """Per tier: (simulator profile, replicas). The profile runs at the tier's `simulate.time_scale`
+    (1.0 without one), or at `time_scale` for every tier where given (backends/sim/profile.py
+    `time_scaled`: a GPU that many times slower, as the live simulator's --time-scale)."""
+    if time_scale is not None and not time_scale > 0:
+        raise ClusterError("--time-scale must be > 0")
     known = load_profiles()
     for name in (*replicas, *profiles):
         if name not in policy.tiers:
@@ -76,7 +81,8 @@ def shape(policy: Policy, replicas: dict[str, str], profiles: dict[str, str]) ->
             raise ClusterError(f"--replicas {name}={n_raw}: not a whole number") from None
         if n < 0:
             raise ClusterError(f"--replicas {name}={n}: must be >= 0")
-        out[name] = (known[prof], n)
+        scale = time_scale if time_scale is not None else (spec.simulate.time_scale if spec.simulate else 1.0)
+        out[name] = (time_scaled(known[prof], scale), n)
     if not any(n for _, n in out.values()):
         raise ClusterError("the cluster has no instance at all")
     return out
