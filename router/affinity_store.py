@@ -11,6 +11,9 @@ scores evicts least-recently-used chains tail first, like vLLM's block pool.
   (entries older than the TTL count as absent) and returns the matched count.
 * `record`: after dispatch, ZADD the chosen instance's hashes, drop entries older
   than the TTL, trim to the instance's KV capacity in blocks, and PEXPIRE the key.
+* `claim`: at decision time, atomically: if another instance of the tier now holds more of the
+  request's prefix than its lookup saw (a concurrent request with the same new prefix, on any replica,
+  just claimed it), say which, and record nothing; else record for the chosen instance, as `record`.
 * `remove` / `clear`: engine KV events (BlockRemoved, AllBlocksCleared).
 
 Scripts use Redis' TIME, so every replica shares one clock (a test may inject one, `clock_ms`). All
@@ -85,6 +88,49 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return n > cap and cap or n
 """
 
+# Claim at decision time (prefix coalescing): KEYS = every instance index of one tier, the chosen first.
+# ARGV: now ms ('' = Redis TIME), ttl ms, capacity of the chosen, instance count, then per instance the
+# matched count the request's lookup saw, then the hashes. Each instance's longest present prefix is
+# searched again; one that now holds more than its lookup saw, and more than the chosen holds, was just
+# claimed by a concurrent request (this replica's or another's): returned as {index, matched, chosen's},
+# and nothing is recorded. Else the hashes are recorded for the chosen (as _RECORD) and {1, chosen's,
+# chosen's} returned.
+_CLAIM = _NOW + """
+local now_ms = now_ms(ARGV[1])
+local ttl = tonumber(ARGV[2]); local cap = tonumber(ARGV[3]); local ni = tonumber(ARGV[4])
+local h0 = 4 + ni
+local nh = #ARGV - h0
+local min_score = (now_ms - ttl) * 1024 - 1024
+local function match(key)
+  local lo, hi = 0, nh
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    local s = redis.call('ZSCORE', key, ARGV[h0 + mid])
+    if s and tonumber(s) >= min_score then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+local mine = match(KEYS[1])
+local best, best_n = 1, mine
+for k = 2, ni do
+  local n = match(KEYS[k])
+  if n > tonumber(ARGV[4 + k]) and n > best_n then best, best_n = k, n end
+end
+if best ~= 1 then return {best, best_n, mine} end
+local base = now_ms * 1024
+local args = {}
+for i = h0 + 1, #ARGV do
+  args[#args + 1] = base - (i - h0 - 1); args[#args + 1] = ARGV[i]
+  if #args >= 2000 then redis.call('ZADD', KEYS[1], unpack(args)); args = {} end
+end
+if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%.0f', (now_ms - ttl) * 1024 - 1024))
+local n = redis.call('ZCARD', KEYS[1])
+if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1) end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {1, mine, mine}
+"""
+
 Clock = Callable[[], float]
 
 
@@ -146,6 +192,7 @@ class AffinityStore:
         self.max_pending = max_pending
         self._lookup = redis.register_script(_LOOKUP)
         self._record = redis.register_script(_RECORD)
+        self._claim = redis.register_script(_CLAIM)
         self._pending: set[asyncio.Task[Any]] = set()
         self.log = get_logger("tiergate.affinity")
 
@@ -212,6 +259,30 @@ class AffinityStore:
             return None
         self.on_event("record", "ok")
         return int(n)
+
+    async def claim(self, tier: str, chosen: str, seen: Sequence[tuple[str, int]], hashes: Sequence[bytes],
+                    ttl_s: float, capacity_blocks: int) -> tuple[str, int] | None:
+        """Record `hashes` for `chosen` unless another instance of the tier now holds a longer prefix of
+        them than the lookup saw there (`seen`: (instance, matched) for the tier's other instances) and
+        than `chosen` holds: then -> (that instance, its matched count), recording nothing. Else ->
+        (chosen, its matched count before this record). None: unavailable (fail open: dispatch as decided,
+        the forwarder records as it sends)."""
+        if not hashes:
+            return chosen, 0
+        if not self.breaker.allow():
+            self.on_event("claim", "skipped")
+            return None
+        others = [(i, n) for i, n in seen if i != chosen]
+        keys = [index_key(tier, chosen), *(index_key(tier, i) for i, _ in others)]
+        argv: list[Any] = [self._now(), int(ttl_s * 1000), capacity_blocks, len(keys), 0, *(n for _, n in others),
+                           *hashes]
+        try:
+            idx, matched, _mine = await self._call("claim", self._claim(keys=keys, args=argv))
+        except Exception:
+            return None
+        idx = int(idx)
+        self.on_event("claim", "ok" if idx == 1 else "coalesced")
+        return (chosen if idx == 1 else others[idx - 2][0]), int(matched)
 
     def record_later(self, tier: str, instance: str, hashes: Sequence[bytes], ttl_s: float,
                      capacity_blocks: int) -> None:
