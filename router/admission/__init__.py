@@ -1,0 +1,1 @@
+"""Admission between decision and dispatch: queues, windows and claims (issue #14)."""
