@@ -1,0 +1,32 @@
+"""In-memory twin of the prefill windows (router/admission/window_store.py): the same token bucket in
+milli-tokens, the same answers to the token, on an injected clock (ms). Replay runs on it, and a router
+whose Redis is away falls back to it as its replica-local windows. tests/test_window_store.py runs it
+and the Redis store through one contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from router.admission.window_store import Grant, check
+
+
+class MemoryWindowStore:
+    def __init__(self, clock_ms: Callable[[], int]) -> None:
+        self.clock_ms = clock_ms
+        self.buckets: dict[tuple[str, str], tuple[int, int]] = {}   # -> (milli-tokens, ms of the last refill)
+
+    def take_now(self, tier: str, instance: str, cost: int, rate: float, burst: float) -> Grant:
+        r, b, c = check(rate, burst, cost)
+        now = self.clock_ms()
+        burst_m = b * 1000
+        m, ts = self.buckets.get((tier, instance), (burst_m, now))   # the Redis key's expiry: a full bucket
+        if now > ts:
+            m, ts = min(burst_m, m + (now - ts) * r), now
+        ok = m > 0
+        if ok:
+            m -= c * 1000
+        self.buckets[(tier, instance)] = (m, ts)
+        return Grant(ok, m / 1000, 0.0 if ok else ((-m) // r + 1) / 1000)
+
+    async def take(self, tier: str, instance: str, cost: int, rate: float, burst: float) -> Grant | None:
+        return self.take_now(tier, instance, cost, rate, burst)
