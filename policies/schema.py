@@ -9,6 +9,7 @@ from typing import Any, get_args, get_type_hints
 import msgspec
 import yaml
 
+from policies.admission_spec import AdmissionSpec, admission_errors
 from policies.yaml_loader import PolicyError as PolicyError
 from policies.yaml_loader import load_yaml, read_policy_text
 
@@ -74,6 +75,8 @@ class SloClass(msgspec.Struct, **STRICT):
     batchable: bool = False
     completion_tokens: int | None = None    # completion budget for a request without max_tokens (else defaults')
     miss_cost_usd: float = 0.0              # price of a missed TTFT or TPOT target (the expected_money scorer)
+    max_queue_ms: float | None = None       # longest wait for a window (policies/admission_spec.py)
+    price_factor: float = 1.0               # billed at the tier's prices x this (a batch discount)
 
 
 class RateLimits(msgspec.Struct, **STRICT):
@@ -108,6 +111,7 @@ class TenantSpec(msgspec.Struct, **STRICT):
     store_failure_share: float = 0.1    # allow_share: each replica may spend this share of what remained
     degrade: DegradeSpec | None = None
     completion_tokens: int | None = None    # completion budget for a request without max_tokens (before the class's)
+    weight: float = 1.0                     # share among waiting tenants of a class (policies/admission_spec.py)
 
 
 class AnonymousSpec(msgspec.Struct, **STRICT):
@@ -165,6 +169,7 @@ class Policy(msgspec.Struct, **STRICT):
     admin: AdminSpec = AdminSpec()
     accounting: AccountingSpec = AccountingSpec()
     anonymous: AnonymousSpec | None = None
+    admission: AdmissionSpec = AdmissionSpec()
 
 
 def _node_line(root: yaml.Node | None, path: list[str]) -> int | None:
@@ -375,4 +380,5 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
     if policy.anonymous is not None and policy.anonymous.tenant not in policy.tenants:
         errs.append(("$.anonymous.tenant", f"unknown tenant {policy.anonymous.tenant!r}; declare it under tenants"))
     errs.extend(alias_errors(policy))
+    errs.extend(admission_errors(policy))
     return errs

@@ -236,3 +236,30 @@ def test_empty_and_comment_only_files_are_refused() -> None:
     for text in ("", "# nothing yet\n"):
         err = refused(text)
         assert err.path == "$" and str(err) == "policy.yaml: $: the policy file is empty"
+
+
+@pytest.mark.parametrize(("old", "new", "path"), [
+    ("\naccounting:\n", "\nadmission: {windows: true, window_ms: 5, min_window_ms: 10}\naccounting:\n",
+     "$.admission.window_ms"),
+    ("\naccounting:\n", "\nadmission: {kv_high: 1.5}\naccounting:\n", "$.admission.kv_high"),
+    ("\naccounting:\n", "\nadmission: {max_queued: 0}\naccounting:\n", "$.admission.max_queued"),
+    ("\naccounting:\n", "\nadmission: {windows: true, windoe_ms: 20}\naccounting:\n", "$.admission.windoe_ms"),
+    ("priority: 0, batchable: true,", "priority: 0, batchable: true, price_factor: 0,",
+     "$.slo_classes.relaxed.price_factor"),
+    ("priority: 0, batchable: true,", "priority: 0, batchable: true, max_queue_ms: -1,",
+     "$.slo_classes.relaxed.max_queue_ms"),
+    (FAST_ONLY, FAST_ONLY + "    weight: 0\n", "$.tenants.fast-only.weight"),
+])
+def test_admission_fields_are_validated_with_path_and_line(old: str, new: str, path: str) -> None:
+    text = edited(old, new)
+    err = refused(text)
+    assert err.path == path
+    field = path.rsplit(".", 1)[1]
+    want = "admission" if path.startswith("$.admission") and field != "weight" else field
+    assert err.line is not None and want in text.splitlines()[err.line - 1]
+
+
+def test_admission_defaults_keep_every_request_dispatched_at_once() -> None:
+    pol = load_policy(DEMO)
+    assert not pol.admission.windows and pol.admission.coalesce and pol.admission.max_queued == 1024
+    assert pol.tenants["demo"].weight == 1.0 and pol.slo_classes["relaxed"].price_factor == 1.0

@@ -1,0 +1,53 @@
+"""Policy v1 `admission:`: the router's windows and queues between decision and dispatch (issue #14).
+
+    admission:
+      windows: true          # per-instance prefill windows, shared by every replica (default false: every
+                             # request is dispatched the moment it is decided, as without this section)
+      window_ms: 50          # the longest window: an instance's burst = its prefill rate x this
+      min_window_ms: 10      # the shortest (the window follows the tier's step time in between)
+      kv_high: 0.9           # KV-cache use above which an instance's rate shrinks, linearly to 10% at full
+      max_queued: 1024       # requests waiting for a window, per tier and replica (beyond: shed)
+      coalesce: true         # claim a new prefix at decision time (concurrent requests follow it)
+
+Per SLO class: `priority` (higher first), `batchable` (held while any other class waits), `max_queue_ms`
+(the longest a request of the class waits for a window before it is sent anyway; default half its
+TTFT target) and `price_factor` (its tokens are billed at the tier's prices times this; default 1).
+Per tenant: `weight` (its share among the tenants of one class while they wait; default 1).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:
+    from policies.schema import Policy
+
+
+class AdmissionSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    windows: bool = False
+    window_ms: float = 50.0
+    min_window_ms: float = 10.0
+    kv_high: float = 0.9
+    max_queued: int = 1024
+    coalesce: bool = True
+
+
+def admission_errors(policy: Policy) -> list[tuple[str, str]]:
+    a, errs = policy.admission, []
+    if not 0 < a.min_window_ms <= a.window_ms <= 10_000:
+        errs.append(("$.admission.window_ms", "need 0 < min_window_ms <= window_ms <= 10000"))
+    if not 0 < a.kv_high < 1:
+        errs.append(("$.admission.kv_high", "must be between 0 and 1"))
+    if a.max_queued < 1:
+        errs.append(("$.admission.max_queued", "must be >= 1"))
+    for name, cls in policy.slo_classes.items():
+        if cls.max_queue_ms is not None and not 0 <= cls.max_queue_ms < float("inf"):
+            errs.append((f"$.slo_classes.{name}.max_queue_ms", "must be >= 0"))
+        if not 0 < cls.price_factor <= 1:
+            errs.append((f"$.slo_classes.{name}.price_factor", "must be in (0, 1]"))
+    for name, tenant in policy.tenants.items():
+        if not 0 < tenant.weight < float("inf"):
+            errs.append((f"$.tenants.{name}.weight", "must be > 0"))
+    return errs
