@@ -146,6 +146,24 @@ class RouterMetrics:
         self.decision_records = Counter("tiergate_decision_records", "Decision records by result (written to "
                                         "the Redis stream; failed, Redis slow or down; dropped, the queue was "
                                         "full).", ["result"], registry=r)
+        # admission between decision and dispatch (router/admission/, issue #14)
+        self.queue_depth = Gauge("tiergate_queue_depth", "Requests waiting for a prefill window, per tier and SLO "
+                                 "class, on this replica.", ["tier", "slo_class"], registry=r)
+        self.queue_wait = Histogram("tiergate_queue_wait_seconds", "Time requests waited for a prefill window "
+                                    "(outcome: released, bypassed at the class's max_queue_ms, shed, left: the "
+                                    "client went away).", ["tier", "outcome"], registry=r,
+                                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.window_tokens = Counter("tiergate_window_tokens", "Uncached prefill tokens admitted through the "
+                                     "prefill windows (store: shared, Redis; local, this replica's fallback).",
+                                     ["tier", "store"], registry=r)
+        self.window_budget = Gauge("tiergate_window_budget_tokens", "An instance's window budget (burst) as last "
+                                   "sized from its prefill rate, step time and KV use.", ["tier", "instance"],
+                                   registry=r)
+        self.coalesced = Counter("tiergate_coalesced_requests", "Requests sent where a concurrent request had just "
+                                 "claimed their prefix (result: followed; kept, the decision kept its choice; "
+                                 "unavailable, the claim failed open).", ["tier", "result"], registry=r)
+        self.shed = Counter("tiergate_shed_requests", "Requests shed by a full admission queue, by SLO class.",
+                            ["tier", "slo_class"], registry=r)
 
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.tenant_label = tenant_label or (lambda tenant: tenant)

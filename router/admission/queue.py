@@ -64,6 +64,7 @@ class AdmissionQueue(Generic[T]):
         self.levels: dict[tuple[bool, int], _Level[T]] = {}   # (not batch, priority) -> level
         self.n = 0
         self.batch_n = 0
+        self.tokens = 0              # the queued requests' costs
         self._seq = 0
 
     def __len__(self) -> int:
@@ -96,6 +97,7 @@ class AdmissionQueue(Generic[T]):
         lv.n += 1
         self.n += 1
         self.batch_n += w.batch
+        self.tokens += w.cost
         return shed
 
     def _victim(self, key: tuple[bool, int], w: Waiting[T]) -> Waiting[T]:
@@ -120,10 +122,18 @@ class AdmissionQueue(Generic[T]):
         lv.n -= 1
         self.n -= 1
         self.batch_n -= w.batch
+        self.tokens -= w.cost
         return True
 
     def pop(self, fits: Callable[[Waiting[T]], bool]) -> Waiting[T] | None:
-        """The next request to release: see the module doc. `fits(w)`: it can go now."""
+        """The next request to release (see the module doc), taken out. `fits(w)`: it can go now."""
+        best = self.peek(fits)
+        if best is not None:
+            self.release(best)
+        return best
+
+    def peek(self, fits: Callable[[Waiting[T]], bool] = lambda w: True) -> Waiting[T] | None:
+        """The next request to release, left in the queue."""
         for key in sorted(self.levels, reverse=True):
             lv = self.levels[key]
             if not lv.n:
@@ -132,10 +142,14 @@ class AdmissionQueue(Generic[T]):
                 return None          # batch waits while anything else is queued
             best = self._least_fitting(lv, fits)
             if best is not None:
-                lv.vtime = max(lv.vtime, best.tag)
-                self.remove(best)
                 return best
         return None
+
+    def release(self, w: Waiting[T]) -> None:
+        """Take `w` out as released: its level's virtual time advances to its tag."""
+        lv = self.levels[(not w.batch, w.priority)]
+        if self.remove(w):
+            lv.vtime = max(lv.vtime, w.tag)
 
     @staticmethod
     def _least_fitting(lv: _Level[T], fits: Callable[[Waiting[T]], bool]) -> Waiting[T] | None:

@@ -1,0 +1,204 @@
+"""The gate between decision and dispatch: per-instance prefill windows and the queue (issue #14).
+Sans-I/O: both drivers run it (the live router awaits the Redis windows; replay the in-memory twin).
+
+Algorithm, per request (after the decision and the budget admission):
+  window    the chosen instance's window (router/admission/window_store.py) is asked for the request's
+            uncached prefill tokens. Granted: dispatch now. Refused: the store says when the window opens
+            again; the instance is noted closed until then (`closed`), and the request is decided again
+            with every closed instance's predicted TTFT raised by its wait (its pending tokens grow by
+            wait x prefill rate): queue time is part of the TTFT the predictor and the SLO see, so the
+            money objective weighs a cheap instance that opens in 20 ms against a dearer one open now.
+            If the new choice is open and grants: dispatch now. Else the request waits in the queue of the
+            chosen tier (router/admission/queue.py: class priority, fair shares by tenant weight, bounded,
+            shedding the lowest class first).
+  release   when a tier's earliest closed window opens (`next_wake`), its queue is walked in order: the
+            first waiting request is decided again (late binding: the instance that freed up first, or
+            another tier where its SLO needs that) and, if its choice is open and grants, released; the
+            first that can't go stops the walk until the next opening.
+  deadline  a request waits at most its class's `max_queue_ms` (default half its TTFT target); then it is
+            dispatched as last decided (`bypass`): a window never costs a request its SLO by itself.
+  shed      a full queue sheds its lowest-class, last-in-fair-order request (429 if it is the newcomer's
+            own class that overflowed, else 503; Retry-After either way).
+Window size, per instance, from what the router sees of it:
+    rate   = the tier's prefill rate (tokens/s, learned or seeded) x kv, kv = 1 up to `kv_high` KV-cache
+             use, then falling linearly to 0.1 at a full cache (fewer new prefills where preemption looms);
+    window = twice the tier's observed time per output token (about two engine steps), clamped to
+             [min_window_ms, window_ms]; window_ms where the step time is unknown;
+    burst  = rate x window.
+  An instance whose prefill rate is unknown has no window (its requests go at once).
+Parameters: policies/admission_spec.py (`admission:` windows, window_ms, min_window_ms, kv_high,
+max_queued; per class max_queue_ms; per tenant weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from policies.admission_spec import AdmissionSpec
+from policies.types import Candidate, RoutingDecision
+from router.admission.queue import AdmissionQueue, Waiting
+from router.admission.window_store import Grant
+from router.replay.window_twin import MemoryWindowStore
+
+Take = Callable[[str, str, int, float, float], Awaitable[Grant | None]]
+Redecide = Callable[[Callable[[list[Candidate]], list[Candidate]]], RoutingDecision | None]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request waiting for a window; the driver holds it and waits on it."""
+
+    rid: str
+    tier: str
+    cost: int                         # uncached prefill tokens of its current choice
+    at: float                         # queued (the driver's clock)
+    deadline: float                   # dispatched as decided by then (bypass)
+    redecide: Redecide                # the core's decision over adjusted candidates
+    decision: RoutingDecision
+    waiting: Waiting[Ticket] | None = None
+    outcome: str = ""                 # released | bypassed | shed | left
+    shed_status: int = 503
+
+
+@dataclass
+class Gate:
+    spec: AdmissionSpec
+    take_shared: Take | None           # the Redis windows (None: local only)
+    local: MemoryWindowStore           # this replica's windows: the fallback, and replay's only store
+    on_event: Callable[[str, str, float], None] = lambda kind, tier, value: None
+    notify: Callable[[Ticket], None] = lambda t: None    # a queued ticket was shed (its driver answers it)
+    queues: dict[str, AdmissionQueue[Ticket]] = field(default_factory=dict)
+    closed: dict[str, float] = field(default_factory=dict)   # "tier/instance" -> opens at (driver clock)
+
+    def sizing(self, c: Candidate) -> tuple[float, float] | None:
+        """(rate tokens/s, burst tokens) of the candidate's window; None: no window (rate unknown)."""
+        if c.prefill_tps <= 0:
+            return None
+        s = self.spec
+        kv = 1.0
+        if c.kv_usage > s.kv_high:
+            kv = max(0.1, 1.0 - 0.9 * (c.kv_usage - s.kv_high) / (1.0 - s.kv_high))
+        rate = c.prefill_tps * kv
+        window_ms = s.window_ms if c.tpot_s <= 0 else min(s.window_ms, max(s.min_window_ms, 2000.0 * c.tpot_s))
+        return rate, rate * window_ms / 1000.0
+
+    async def take(self, c: Candidate, cost: int, now: float) -> Grant:
+        """Ask the candidate's window for `cost` tokens (shared store; this replica's windows if it fails)."""
+        sized = self.sizing(c)
+        if sized is None:
+            return Grant(True, 0.0, 0.0)
+        rate, burst = sized
+        g = await self.take_shared(c.tier, c.instance_id, cost, rate, burst) if self.take_shared else None
+        store = "shared"
+        if g is None:
+            g = self.local.take_now(c.tier, c.instance_id, cost, rate, burst)
+            store = "local"
+        if g.ok:
+            self.on_event("window_tokens", f"{c.tier}|{store}", float(cost))
+        else:
+            self.closed[c.key] = now + g.wait_s
+        self.on_event("window_budget", c.key, burst)
+        return g
+
+    def adjust(self, now: float) -> Callable[[list[Candidate]], list[Candidate]]:
+        """Candidates with the wait ahead of a new request in their queue of pending tokens: a closed
+        window's time to open (at the prefill rate), and the tokens queued for the tier, spread over its
+        instances."""
+        closed = {k: t - now for k, t in self.closed.items() if t > now}
+        queued = {tier: q.tokens for tier, q in self.queues.items() if q.tokens}
+
+        def f(cands: list[Candidate]) -> list[Candidate]:
+            if not closed and not queued:
+                return cands
+            per_tier: dict[str, int] = {}
+            for c in cands:
+                per_tier[c.tier] = per_tier.get(c.tier, 0) + 1
+            out = []
+            for c in cands:
+                extra = queued.get(c.tier, 0) // per_tier[c.tier]
+                if c.key in closed and c.prefill_tps > 0:
+                    extra += int(closed[c.key] * c.prefill_tps)
+                out.append(msgspec.structs.replace(c, pending_tokens=c.pending_tokens + extra) if extra else c)
+            return out
+        return f
+
+    def is_open(self, key: str, now: float) -> bool:
+        return self.closed.get(key, 0.0) <= now
+
+    def prefer_open(self, d: RoutingDecision, now: float) -> RoutingDecision:
+        """Among candidates ranked equal to the choice (ties), an open window before a closed one."""
+        c = d.chosen
+        if c is None or self.is_open(c.key, now):
+            return d
+        best = d.totals.get(c.key)
+        for alt in d.ranked:
+            if self.is_open(alt.key, now) and d.totals.get(alt.key) == best:
+                return msgspec.structs.replace(d, chosen=alt, ranked=[alt, *(x for x in d.ranked if x is not alt)])
+        return d
+
+    async def enter(self, t: Ticket, cost_of: Callable[[Candidate], int], now: float, priority: int,
+                    weight: float, batch: bool, tenant: str) -> bool:
+        """True: go now (`t.decision` is what to send). False: `t` waits (or was shed: `t.outcome`)."""
+        chosen = t.decision.chosen
+        assert chosen is not None
+        if (await self.take(chosen, cost_of(chosen), now)).ok:
+            return True
+        again = t.redecide(self.adjust(now))
+        if again is not None and again.chosen is not None:
+            t.decision = again = self.prefer_open(again, now)
+            alt = again.chosen
+            if alt is not None and self.is_open(alt.key, now) and (await self.take(alt, cost_of(alt), now)).ok:
+                return True
+        last = t.decision.chosen
+        assert last is not None
+        t.tier, t.cost = last.tier, cost_of(last)
+        q = self.queues.setdefault(t.tier, AdmissionQueue(self.spec.max_queued))
+        t.waiting = Waiting(t, tenant, priority, max(t.cost, 1), weight, batch, now)
+        shed = q.push(t.waiting)
+        if shed is not None:
+            victim = shed.payload
+            victim.outcome = "shed"
+            victim.shed_status = 429 if shed.priority == priority and shed.batch == batch else 503
+            self.on_event("shed", t.tier, 1.0)
+            if victim is not t:
+                self.notify(victim)
+        return False
+
+    def leave(self, t: Ticket, outcome: str) -> None:
+        """`t` stops waiting: its deadline passed (bypassed) or its client went away (left)."""
+        if t.waiting is not None and t.outcome == "":
+            self.queues[t.tier].remove(t.waiting)
+            t.outcome = outcome
+
+    def next_wake(self, tier: str, now: float) -> float | None:
+        """When the tier's queue should be walked again: its earliest closed window's opening."""
+        q = self.queues.get(tier)
+        if q is None or not len(q):
+            return None
+        prefix = f"{tier}/"
+        opens = [t for k, t in self.closed.items() if k.startswith(prefix) and t > now]
+        return min(opens) if opens else now + self.spec.min_window_ms / 1000.0
+
+    async def release(self, tier: str, cost_of: Callable[[Ticket, Candidate], int], now: float) -> list[Ticket]:
+        """Walk the tier's queue (module doc): the tickets released now, their decisions updated."""
+        q = self.queues.get(tier)
+        out: list[Ticket] = []
+        while q is not None and len(q):
+            w = q.peek()
+            assert w is not None
+            t = w.payload
+            again = t.redecide(self.adjust(now))
+            if again is not None:
+                again = self.prefer_open(again, now)
+            if again is None or again.chosen is None or not self.is_open(again.chosen.key, now):
+                break
+            c = again.chosen
+            if not (await self.take(c, cost_of(t, c), now)).ok:
+                break
+            q.release(w)
+            t.decision, t.outcome = again, "released"
+            out.append(t)
+        return out

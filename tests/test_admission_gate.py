@@ -1,0 +1,105 @@
+"""The gate between decision and dispatch (router/admission/gate.py) on a virtual clock: windows, late
+binding, queue time priced into the decision, priority, shedding, deadlines. The decisions are the demo's
+`money` profile over hand-built candidates; the windows are the in-memory twin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from policies.admission_spec import AdmissionSpec
+from policies.types import Candidate, RoutingDecision
+from router.admission.gate import Gate, Ticket
+from router.replay.window_twin import MemoryWindowStore
+from tests.test_money import MONEY, cand, req
+
+
+class World:
+    def __init__(self, cands: list[Candidate], **spec: object) -> None:
+        self.now = 0.0
+        self.cands = cands
+        self.gate = Gate(AdmissionSpec(windows=True, **spec), None,  # type: ignore[arg-type]
+                         MemoryWindowStore(lambda: int(self.now * 1000)))
+        self.shed: list[Ticket] = []
+        self.gate.notify = self.shed.append
+
+    def ticket(self, rid: str, prompt: int, cls: str = "interactive", tiers: tuple[str, ...] | None = None) -> Ticket:
+        r = req(prompt, 100, cls=cls, rid=rid)
+
+        def redecide(adjust: Callable[[list[Candidate]], list[Candidate]]) -> RoutingDecision | None:
+            cands = [c for c in adjust(self.cands) if tiers is None or c.tier in tiers]
+            return MONEY.decide(r, cands)
+        d = redecide(lambda c: c)
+        assert d is not None and d.chosen is not None
+        ttft = r.ttft_target_s or 1.0
+        return Ticket(rid, d.chosen.tier, prompt, self.now, self.now + ttft / 2, redecide, d)
+
+    async def enter(self, t: Ticket, cls: str = "interactive", tenant: str = "a") -> bool:
+        prio = {"interactive": 1, "relaxed": 0}[cls]
+        return await self.gate.enter(t, lambda c: t.cost, self.now, prio, 1.0, False, tenant)
+
+
+async def test_a_window_admits_a_burst_then_queues_and_releases_on_the_instance_that_opens_first() -> None:
+    # two fast instances: 190K tokens/s, a 4 ms window (2 x 2 ms TPOT... clamped to 10 ms): 1,902 tokens
+    w = World([cand("fast", "0"), cand("fast", "1")], min_window_ms=10, window_ms=50)
+    rate, burst = w.gate.sizing(w.cands[0])  # type: ignore[misc]
+    assert rate == 190_200 and burst == pytest.approx(1_902)
+    go = [await w.enter(w.ticket(f"r{k}", 3_000)) for k in range(2)]   # each takes one instance into debt
+    assert go == [True, True]
+    t = w.ticket("late", 500)
+    assert not await w.enter(t) and t.outcome == "" and len(w.gate.queues["fast"]) == 1
+    wake = w.gate.next_wake("fast", w.now)
+    assert wake is not None and 0.005 < wake < 0.02      # the debt of 3,000 - 1,902 tokens at 190K/s
+    w.now = wake
+    released = await w.gate.release("fast", lambda tk, c: tk.cost, w.now)
+    assert released == [t] and t.outcome == "released" and t.decision.chosen is not None
+
+
+async def test_queue_time_is_priced_a_cheap_tier_that_opens_soon_beats_a_dear_one_open_now() -> None:
+    w = World([cand("fast", "0"), cand("balanced", "0")])
+    for k in range(5):                                     # fast: 5 x 38K tokens of debt, ~1 s closed
+        doc = w.ticket(f"doc{k}", 38_000, tiers=("fast",))
+        assert await w.enter(doc) is (k == 0)
+    short = w.ticket("chat", 800)
+    assert short.decision.chosen.tier == "fast"            # type: ignore[union-attr]
+    assert await w.enter(short) is True and short.decision.chosen.tier == "balanced"   # type: ignore[union-attr]
+    # with the fast window closed only briefly, the chat waits for it instead
+    w2 = World([cand("fast", "0"), cand("balanced", "0")])
+    assert await w2.enter(w2.ticket("doc", 2_500))         # ~3 ms of debt
+    chat = w2.ticket("chat", 800)
+    assert await w2.enter(chat) is False and chat.tier == "fast"
+
+
+async def test_interactive_is_released_before_relaxed_that_queued_first() -> None:
+    w = World([cand("fast", "0")])
+    assert await w.enter(w.ticket("doc", 20_000))
+    relaxed = w.ticket("rel", 500, cls="relaxed")
+    inter = w.ticket("int", 500)
+    assert not await w.enter(relaxed, "relaxed") and not await w.enter(inter)
+    w.now = w.gate.next_wake("fast", w.now) or 0.0
+    out = await w.gate.release("fast", lambda tk, c: tk.cost, w.now)
+    assert out[0] is inter
+
+
+async def test_a_full_queue_sheds_the_lowest_class_and_says_which_status() -> None:
+    w = World([cand("fast", "0")], max_queued=1)
+    assert await w.enter(w.ticket("doc", 20_000))
+    rel = w.ticket("rel", 500, cls="relaxed")
+    assert not await w.enter(rel, "relaxed")
+    inter = w.ticket("int", 500)
+    assert not await w.enter(inter)
+    assert w.shed == [rel] and rel.outcome == "shed" and rel.shed_status == 503 and inter.outcome == ""
+    again = w.ticket("int2", 500)
+    assert not await w.enter(again) and again.outcome == "shed" and again.shed_status == 429
+
+
+async def test_leave_takes_a_waiting_request_out_and_an_unknown_rate_has_no_window() -> None:
+    w = World([cand("fast", "0")])
+    assert await w.enter(w.ticket("doc", 20_000))
+    t = w.ticket("x", 500)
+    assert not await w.enter(t)
+    w.gate.leave(t, "left")
+    assert t.outcome == "left" and not len(w.gate.queues["fast"])
+    free = World([cand("fast", "0", known=False)])
+    assert all([await free.enter(free.ticket(f"r{k}", 20_000)) for k in range(5)])
