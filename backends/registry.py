@@ -113,26 +113,31 @@ class Registry:
         """A snapshot of every instance of `tiers`; `cached`: expected cached tokens by candidate key."""
         now = self.clock()
         out = []
+        get = cached.get if cached else None
         for t in tiers:
             rt = self.tiers.get(t)
             if rt is None:
                 continue
-            p = rt.spec.prices
+            spec = rt.spec
+            p = spec.prices
+            p_in, p_cached, p_out, mml = p.input, p.cached_input, p.output, spec.max_model_len
+            gpu = spec.gpu_cost_per_hour or 0.0
             tps = rt.prefill_tps.value or 0.0
             mean_uncached = rt.uncached_tokens.value if rt.uncached_tokens.value is not None else 1024.0
+            tpot = rt.tpot_s.value or 0.0
             for inst in rt.instances:
-                key = f"{t}/{inst.instance_id}"
-                out.append(Candidate(tier=t, instance_id=inst.instance_id, key=key, max_model_len=rt.spec.max_model_len,
-                                     price_input=p.input, price_cached_input=p.cached_input,
-                                     price_output=p.output, healthy=inst.serving(now),
+                iid = inst.instance_id
+                key = f"{t}/{iid}"
+                out.append(Candidate(tier=t, instance_id=iid, key=key, max_model_len=mml,
+                                     price_input=p_in, price_cached_input=p_cached,
+                                     price_output=p_out, healthy=inst.serving(now),
                                      in_flight=inst.in_flight + inst.peer_in_flight,
-                                     cached_tokens=cached.get(key, 0) if cached else 0,
+                                     cached_tokens=get(key, 0) if get is not None else 0,
                                      running=int(inst.running), waiting=int(inst.waiting), kv_usage=inst.kv_usage,
                                      pending_requests=inst.pending_requests + inst.peer_pending_requests,
                                      pending_tokens=inst.pending_tokens + inst.peer_pending_tokens,
                                      prefill_tps=tps, mean_uncached_tokens=mean_uncached,
-                                     gpu_cost_per_hour=rt.spec.gpu_cost_per_hour or 0.0,
-                                     tpot_s=rt.tpot_s.value or 0.0))
+                                     gpu_cost_per_hour=gpu, tpot_s=tpot))
         return out
 
     def capacity_blocks(self, inst: InstanceState) -> int:

@@ -47,6 +47,7 @@ class Profile:
             cands = kept
             reasons.append(PluginResult(f.name, why))
         scores: dict[str, dict[str, float]] = {c.key: {} for c in cands}
+        per_cand = [scores[c.key] for c in cands]      # each candidate's score dict, in order
         estimates: dict[str, dict[str, float]] = {}
         totals = [0.0] * len(cands)
         if cands:
@@ -57,9 +58,10 @@ class Profile:
                         estimates.setdefault(c.key, {}).update(e)
                 else:
                     vals, why = scorer.score(req, cands)
-                for i, (c, v) in enumerate(zip(cands, vals, strict=True)):
-                    scores[c.key][scorer.name] = v
-                    totals[i] += weight * v
+                name = scorer.name
+                for d, v in zip(per_cand, vals, strict=True):
+                    d[name] = v
+                totals = [t + weight * v for t, v in zip(totals, vals, strict=True)]
                 reasons.append(PluginResult(scorer.name, why))
         order, why = self.picker.pick(req, cands, totals)
         reasons.append(PluginResult(self.picker.name, why))

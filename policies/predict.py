@@ -49,6 +49,7 @@ Parameters (PredictParams):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from policies.types import Candidate, RoutingRequest, by_tier, completion_budget
@@ -152,14 +153,67 @@ def _p_miss(pred: float | None, target: float | None, cv: float, prior: float) -
     return prior if pred is None else p_exceed(pred, target, cv)
 
 
+def miss_probability(target: float | None, cv: float, prior: float) -> Callable[[float | None], float]:
+    """`_p_miss(pred, target, cv, prior)` as a function of the prediction alone: the parts that depend only on
+    the target and cv (its logarithm, sigma) computed once, in the same operations, so the same floats."""
+    if target is None:
+        return lambda pred: 0.0
+    if target <= 0:
+        return lambda pred: prior if pred is None else 1.0
+    if cv <= 0:
+        return lambda pred: prior if pred is None else 0.0 if pred <= 0 else 1.0 if pred > target else 0.0
+    s2 = math.log1p(cv * cv)
+    half, log_target, den = s2 / 2.0, math.log(target), math.sqrt(2.0 * s2)
+    log, erfc = math.log, math.erfc
+
+    def p(pred: float | None) -> float:
+        if pred is None:
+            return prior
+        if pred <= 0:
+            return 0.0
+        return 0.5 * erfc((log_target - (log(pred) - half)) / den)
+    return p
+
+
+class Predictor:
+    """The predictions of one request over one candidate list, candidate by candidate: what `predict` and the
+    plugins compute, with the per-request and per-tier parts (prompt tokens per tier, the TPOT reference
+    batch, the P(miss) constants) computed once. The same formulas as the functions above, in the same
+    order of operations, so the same floats."""
+
+    __slots__ = ("knee", "p_tpot", "p_ttft", "prompts", "tpot_den")
+
+    def __init__(self, req: RoutingRequest, cands: list[Candidate], params: PredictParams,
+                 tpot: bool = True) -> None:
+        """`tpot` False: `times` is not asked for TPOT (the reference batch is not computed)."""
+        self.knee = knee = params.decode_knee
+        self.prompts = req.prompt_tokens
+        self.tpot_den = {t: knee + max(b, 1.0) for t, b in observed_batches(cands).items()} if tpot else {}
+        self.p_ttft = miss_probability(req.ttft_target_s, params.ttft_cv, params.prior_miss_p)
+        self.p_tpot = miss_probability(req.tpot_target_s, params.tpot_cv, params.prior_miss_p)
+
+    def times(self, c: Candidate) -> tuple[float | None, float | None, int, int]:
+        """(predicted TTFT, predicted TPOT, decode batch, uncached prompt tokens) of `c`."""
+        prompt = self.prompts.get(c.tier, 0)
+        cached = c.cached_tokens
+        uncached = prompt - min(cached if cached > 0 else 0, prompt)
+        pr = c.pending_requests
+        batch = (c.running if c.running > 0 else 0) + (pr if pr > 0 else 0) + 1
+        ttft = tpot = None
+        tps = c.prefill_tps
+        if tps > 0:
+            others = pr + max(0, c.waiting - pr) - pr
+            ttft = (c.pending_tokens + others * c.mean_uncached_tokens + max(uncached, 1)) / tps
+        if c.tpot_s > 0 and self.tpot_den:
+            tpot = c.tpot_s * (self.knee + batch) / self.tpot_den[c.tier]
+        return ttft, tpot, batch, uncached
+
+    def prediction(self, c: Candidate) -> Prediction:
+        ttft, tpot, batch, _ = self.times(c)
+        return Prediction(ttft_s=ttft, tpot_s=tpot, batch=batch, p_ttft=self.p_ttft(ttft), p_tpot=self.p_tpot(tpot))
+
+
 def predict(req: RoutingRequest, cands: list[Candidate], params: PredictParams) -> list[Prediction]:
     """One Prediction per candidate, in order (the TPOT reference batch is per tier of `cands`)."""
-    ref = observed_batches(cands)
-    out = []
-    for c in cands:
-        ttft = predicted_ttft_s(req, c)
-        tpot = predicted_tpot_s(c, ref[c.tier], params.decode_knee)
-        out.append(Prediction(ttft_s=ttft, tpot_s=tpot, batch=decode_batch(c),
-                              p_ttft=_p_miss(ttft, req.ttft_target_s, params.ttft_cv, params.prior_miss_p),
-                              p_tpot=_p_miss(tpot, req.tpot_target_s, params.tpot_cv, params.prior_miss_p)))
-    return out
+    pr = Predictor(req, cands, params)
+    return [pr.prediction(c) for c in cands]

@@ -33,7 +33,15 @@ class ContextFits:
         return req.max_tokens is None and prompt + self.min_completion_tokens <= c.max_model_len
 
     def filter(self, req: RoutingRequest, cands: list[Candidate]) -> tuple[list[Candidate], str]:
-        keep = [c for c in cands if self.fits(req, c)]
+        memo: dict[tuple[str, int], bool] = {}      # `fits` depends only on the tier and its context length
+        keep = []
+        for c in cands:
+            k = (c.tier, c.max_model_len)
+            ok = memo.get(k)
+            if ok is None:
+                ok = memo[k] = self.fits(req, c)
+            if ok:
+                keep.append(c)
         return keep, f"{len(keep)}/{len(cands)} fit prompt+completion in context"
 
 

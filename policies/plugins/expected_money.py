@@ -37,7 +37,13 @@ Parameters:
 
 from __future__ import annotations
 
-from policies.predict import Prediction, PredictParams, expected_cached_tokens, expected_output_tokens, predict
+from policies.predict import (
+    Prediction,
+    Predictor,
+    PredictParams,
+    expected_cached_tokens,
+    expected_output_tokens,
+)
 from policies.types import Candidate, RoutingRequest
 
 BILLS = ("tokens", "gpu", "both")
@@ -52,29 +58,42 @@ def token_usd(req: RoutingRequest, c: Candidate, out: float) -> float:
 def gpu_seconds(req: RoutingRequest, c: Candidate, out: float, p: Prediction) -> float:
     """The request's share of the GPU: prefill alone, decode shared with the batch it joins."""
     uncached = req.prompt_tokens.get(c.tier, 0) - expected_cached_tokens(req, c)
+    return _gpu_seconds(c, uncached, out, p.tpot_s, p.batch)
+
+
+def _gpu_seconds(c: Candidate, uncached: int, out: float, tpot: float | None, batch: int) -> float:
     prefill = uncached / c.prefill_tps if c.prefill_tps > 0 else 0.0
-    decode = out * p.tpot_s / p.batch if p.tpot_s is not None else 0.0
+    decode = out * tpot / batch if tpot is not None else 0.0
     return prefill + decode
 
 
 def money(req: RoutingRequest, c: Candidate, p: Prediction, bill: str = "both",
           output_tokens_cap: int | None = None) -> dict[str, float]:
     """The candidate's estimate: usd (the objective) and its parts, with the predictions behind them."""
-    out = expected_output_tokens(req, output_tokens_cap)
-    tokens = token_usd(req, c, out)
-    gpu = c.gpu_cost_per_hour / 3600.0 * gpu_seconds(req, c, out, p) if c.gpu_cost_per_hour > 0 else 0.0
+    cached = expected_cached_tokens(req, c)
+    uncached = req.prompt_tokens.get(c.tier, 0) - cached
+    return _estimate(c, cached, uncached, expected_output_tokens(req, output_tokens_cap), p.ttft_s, p.tpot_s,
+                     p.batch, p.p_miss, bill, max(req.miss_cost_usd, 0.0))
+
+
+def _estimate(c: Candidate, cached: int, uncached: int, out: float, ttft: float | None, tpot: float | None,
+              batch: int, p_miss: float, bill: str, miss_cost: float) -> dict[str, float]:
+    """`money`'s formula, from the candidate's predictions and the request's per-request parts."""
+    tokens = (uncached * c.price_input + cached * c.price_cached_input + out * c.price_output) / 1e6
+    gpu = c.gpu_cost_per_hour / 3600.0 * _gpu_seconds(c, uncached, out, tpot, batch) \
+        if c.gpu_cost_per_hour > 0 else 0.0
     if bill == "tokens":
         billed = tokens
     elif bill == "gpu":
         billed = gpu if c.gpu_cost_per_hour > 0 else tokens
     else:
         billed = tokens + gpu
-    miss = p.p_miss * max(req.miss_cost_usd, 0.0)
-    est = {"usd": billed + miss, "usd_tokens": tokens, "usd_gpu": gpu, "usd_miss": miss, "p_miss": p.p_miss}
-    if p.ttft_s is not None:
-        est["ttft_s"] = p.ttft_s
-    if p.tpot_s is not None:
-        est["tpot_s"] = p.tpot_s
+    miss = p_miss * miss_cost
+    est = {"usd": billed + miss, "usd_tokens": tokens, "usd_gpu": gpu, "usd_miss": miss, "p_miss": p_miss}
+    if ttft is not None:
+        est["ttft_s"] = ttft
+    if tpot is not None:
+        est["tpot_s"] = tpot
     return est
 
 
@@ -93,8 +112,18 @@ class ExpectedMoney:
                                     prior_miss_p=prior_miss_p)
 
     def estimates(self, req: RoutingRequest, cands: list[Candidate]) -> list[dict[str, float]]:
-        return [money(req, c, p, self.bill, self.output_tokens_cap)
-                for c, p in zip(cands, predict(req, cands, self.params), strict=True)]
+        """`money` of each candidate with its `predict` Prediction (computed in one pass: `Predictor`)."""
+        pr = Predictor(req, cands, self.params)
+        out = expected_output_tokens(req, self.output_tokens_cap)
+        miss_cost = max(req.miss_cost_usd, 0.0)
+        p_ttft, p_tpot, times, bill = pr.p_ttft, pr.p_tpot, pr.times, self.bill
+        ests = []
+        for c in cands:
+            ttft, tpot, batch, uncached = times(c)
+            a, b = p_ttft(ttft), p_tpot(tpot)
+            ests.append(_estimate(c, pr.prompts.get(c.tier, 0) - uncached, uncached, out, ttft, tpot, batch,
+                                  1.0 - (1.0 - a) * (1.0 - b), bill, miss_cost))
+        return ests
 
     def score_estimates(self, req: RoutingRequest,
                         cands: list[Candidate]) -> tuple[list[float], str, list[dict[str, float]]]:

@@ -34,11 +34,16 @@ class MaxScore:
         if not cands:
             return [], "no candidates"
         eps = self.epsilon
-        by_order = self.ties == "order"
-        # Quantize totals so near-equal scores tie, then break ties by a stable hash (or the order).
-        order = sorted(
-            range(len(cands)),
-            key=lambda i: (-round(totals[i] / eps) if eps > 0 else -totals[i],
-                           i if by_order else zlib.crc32(f"{req.request_id}/{cands[i].key}".encode())),
-        )
+        primary = [-round(t / eps) for t in totals] if eps > 0 else [-t for t in totals]
+        order = sorted(range(len(cands)), key=primary.__getitem__)
+        if self.ties == "hash":    # the same order as sorting by (primary, hash): re-sort each run of equals
+            i = 0
+            while i < len(order):
+                j = i + 1
+                while j < len(order) and primary[order[j]] == primary[order[i]]:
+                    j += 1
+                if j - i > 1:
+                    order[i:j] = sorted(order[i:j],
+                                        key=lambda k: zlib.crc32(f"{req.request_id}/{cands[k].key}".encode()))
+                i = j
         return order, f"best {cands[order[0]].key} total {totals[order[0]]:.4f}"

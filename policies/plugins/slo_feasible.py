@@ -20,7 +20,7 @@ Parameters:
 
 from __future__ import annotations
 
-from policies.predict import observed_batches, predicted_tpot_s
+from policies.predict import Predictor, PredictParams
 from policies.predict import predicted_ttft_s as predicted_ttft_s
 from policies.predict import queued_requests as queued_requests
 from policies.types import Candidate, RoutingRequest
@@ -43,17 +43,18 @@ class SloFeasible:
         self.margin = margin
         self.fallback = fallback
         self.decode_knee = decode_knee
+        self._params = PredictParams(decode_knee=decode_knee)
 
     def lateness(self, req: RoutingRequest, cands: list[Candidate]) -> list[float | None]:
         """Per candidate: the largest predicted / target - 1 (<= 0 is on time); None: nothing predicted."""
         ttft_t = None if req.ttft_target_s is None else req.ttft_target_s * self.margin
         tpot_t = None if req.tpot_target_s is None else req.tpot_target_s * self.margin
-        ref = observed_batches(cands) if tpot_t is not None else {}
+        times = Predictor(req, cands, self._params, tpot=tpot_t is not None).times
         out: list[float | None] = []
         for c in cands:
             late: float | None = None
-            for pred, target in ((predicted_ttft_s(req, c) if ttft_t is not None else None, ttft_t),
-                                 (predicted_tpot_s(c, ref[c.tier], self.decode_knee) if ref else None, tpot_t)):
+            ttft, tpot, _, _ = times(c)
+            for pred, target in ((ttft if ttft_t is not None else None, ttft_t), (tpot, tpot_t)):
                 if pred is not None and target is not None:
                     r = pred / target - 1.0 if target > 0 else float("inf")
                     late = r if late is None else max(late, r)

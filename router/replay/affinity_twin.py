@@ -138,16 +138,21 @@ class MemoryAffinityStore:
         now = self.clock_ms()
         min_score = (now - int(ttl_s * 1000)) * 1024 - 1024
         out: dict[tuple[str, str], int] = {}
+        keys = self._keys
         for tier, instances, hashes in groups:
             if not instances or not hashes:
                 continue
+            n = len(hashes)
             for inst in instances:
-                idx = self._get(tier, inst, now)
-                if idx is None:
-                    out[(tier, inst)] = 0
+                key = (tier, inst)
+                idx = keys.get(key)
+                if idx is None or now > idx.expires_at:
+                    if idx is not None:
+                        del keys[key]       # PEXPIRE ran out (as `_get`)
+                    out[key] = 0
                     continue
                 get = idx.scores.get
-                lo, hi = 0, len(hashes)
+                lo, hi = 0, n
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
                     s = get(hashes[mid - 1])
@@ -155,7 +160,7 @@ class MemoryAffinityStore:
                         lo = mid
                     else:
                         hi = mid - 1
-                out[(tier, inst)] = lo
+                out[key] = lo
         return out
 
     async def record(self, tier: str, instance: str, hashes: Sequence[bytes], ttl_s: float,

@@ -33,6 +33,7 @@ from router.replay.trace import TraceRequest
 
 _pack = struct.Struct("<II").pack
 _q = struct.Struct("<Q").pack
+_link = struct.Struct("<8s9sII").pack    # parent hash (8 bytes), group key (9), block start, end
 UNIQUE_BASE = 1 << 62      # unique block ids: UNIQUE_BASE + request serial x 2^20 + block index
 State = tuple[bytes, bytes, int]   # (last full block's hash, the open block's content so far, its tokens)
 
@@ -55,14 +56,20 @@ class _Run:
         blake = hashlib.blake2b
         h = self.hashes[-1] if n else self.parent
         new: list[bytes] = []
-        for j in range(n, target):
-            if j == 0:
-                desc = self.pdesc + gkey + _pack(0, bs - self.p0)
-            else:
-                s = j * bs - self.p0
-                desc = gkey + _pack(s, s + bs)
-            h = blake(h + desc, digest_size=8).digest()
+        j = n
+        if j == 0:
+            h = blake(h + self.pdesc + gkey + _pack(0, bs - self.p0), digest_size=8).digest()
             new.append(h)
+            j = 1
+        if len(gkey) == 9 and len(h) == 8:   # every group key and hash here: one pack, the same bytes
+            link = _link
+            for s in range(j * bs - self.p0, target * bs - self.p0, bs):
+                h = blake(link(h, gkey, s, s + bs), digest_size=8).digest()
+                new.append(h)
+        else:
+            for s in range(j * bs - self.p0, target * bs - self.p0, bs):
+                h = blake(h + gkey + _pack(s, s + bs), digest_size=8).digest()
+                new.append(h)
         self.hashes.extend(new)
         self.ints.extend(array("Q", b"".join(new)))
 
