@@ -55,7 +55,11 @@ class Profile:
                 if est is not None:
                     vals, why, ests = est.score_estimates(req, cands)
                     for c, e in zip(cands, ests, strict=True):
-                        estimates.setdefault(c.key, {}).update(e)
+                        cur = estimates.get(c.key)
+                        if cur is None:
+                            estimates[c.key] = dict(e)
+                        else:
+                            cur.update(e)
                 else:
                     vals, why = scorer.score(req, cands)
                 name = scorer.name

@@ -13,8 +13,15 @@ from hypothesis import strategies as st
 from policies.plugins.expected_money import ExpectedMoney, money
 from policies.plugins.max_score import MaxScore
 from policies.plugins.slo_feasible import SloFeasible
-from policies.predict import PredictParams, Prediction, observed_batches, p_exceed, predict, predicted_tpot_s, \
-    predicted_ttft_s
+from policies.predict import (
+    Prediction,
+    PredictParams,
+    observed_batches,
+    p_exceed,
+    predict,
+    predicted_tpot_s,
+    predicted_ttft_s,
+)
 from policies.types import Candidate
 from tests.test_money import POLICY, TIERS, cand, req
 
@@ -98,3 +105,20 @@ def test_replay_turns_automatic_gc_back_on() -> None:
     assert gc.isenabled()
     Replay(POLICY, sizes).run(synth("mixed", 20, 1, rate=5.0))
     assert gc.isenabled()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.binary(min_size=1, max_size=2), min_size=1, max_size=8), min_size=1, max_size=3))
+def test_affinity_bucket_order_of_one_record_equals_the_sort(records: list[list[bytes]]) -> None:
+    from router.replay.affinity_twin import _Index
+    idx = _Index()
+    for hs in records:
+        idx.add(5, hs)                     # one millisecond: one record (the reversed fast path) or several
+    b = idx.buckets[5]
+    want = sorted(b.entries, key=lambda e: (-e[0], e[1]))
+    b.order()
+    assert b.entries == want
+    idx.add(5, [b"z"])                     # a record after ordering: the full sort again
+    want = sorted(b.entries[b.at:], key=lambda e: (-e[0], e[1]))
+    b.order()
+    assert b.entries == want

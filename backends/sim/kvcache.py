@@ -145,13 +145,16 @@ class KVCache:
         evicted: list[Hashable] = []
         if n > k:
             got = self._take_evictable(n - k)
-            hash_of, by_hash, hashed = self._hash_of, self._by_hash, self._hashed_b
+            by_hash = self._by_hash
+            hs = list(map(self._hash_of.pop, got))
+            hashed = self._hashed_b
             for b in got:
-                h = hash_of.pop(b)
                 hashed[b] = 0
-                if by_hash.get(h) == b:
-                    del by_hash[h]
-                    evicted.append(h)
+            # a hash maps to at most one block, so checking all before deleting any gives the same as one by one
+            bh_get = by_hash.get
+            evicted = [h for h, b in zip(hs, got, strict=True) if bh_get(h) == b]
+            for h in evicted:
+                del by_hash[h]
             out.extend(got)
         if len(out) <= 16:
             ref = self._ref_a
@@ -193,7 +196,12 @@ class KVCache:
         if by_hash.keys().isdisjoint(hs) and hash_of.keys().isdisjoint(blks):   # the usual case, at C speed
             hash_of.update(zip(blks, hs, strict=True))
             by_hash.update(zip(hs, blks, strict=True))
-            self._hashed[np.array(blks, dtype=np.int64)] = True
+            if len(blks) <= 16:
+                hashed_b = self._hashed_b
+                for blk in blks:
+                    hashed_b[blk] = 1
+            else:
+                self._hashed[np.array(blks, dtype=np.int64)] = True
             return
         hashed = self._hashed_b
         for blk, h in zip(blks, hs, strict=True):

@@ -51,13 +51,15 @@ class SloFeasible:
         tpot_t = None if req.tpot_target_s is None else req.tpot_target_s * self.margin
         times = Predictor(req, cands, self._params, tpot=tpot_t is not None).times
         out: list[float | None] = []
+        inf = float("inf")
         for c in cands:
             late: float | None = None
             ttft, tpot, _, _ = times(c)
-            for pred, target in ((ttft if ttft_t is not None else None, ttft_t), (tpot, tpot_t)):
-                if pred is not None and target is not None:
-                    r = pred / target - 1.0 if target > 0 else float("inf")
-                    late = r if late is None else max(late, r)
+            if ttft is not None and ttft_t is not None:
+                late = ttft / ttft_t - 1.0 if ttft_t > 0 else inf
+            if tpot is not None and tpot_t is not None:
+                r = tpot / tpot_t - 1.0 if tpot_t > 0 else inf
+                late = r if late is None else max(late, r)
             out.append(late)
         return out
 

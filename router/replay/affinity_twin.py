@@ -26,18 +26,22 @@ from collections.abc import Callable, Sequence
 class _Bucket:
     """The entries recorded in one millisecond: (index in its record, member), score = ms x 1024 - index."""
 
-    __slots__ = ("at", "entries", "ordered")
+    __slots__ = ("at", "entries", "one", "ordered")
 
     def __init__(self) -> None:
         self.entries: list[tuple[int, bytes]] = []
         self.at = 0              # entries before this were taken (once ordered)
         self.ordered = False
+        self.one = False         # holds exactly one record, as added (indices 0, 1, ... ascending)
 
     def order(self) -> None:
         """Lowest (score, member) first: the highest index first, members ascending."""
-        rest = self.entries[self.at:]
-        rest.sort(key=lambda e: (-e[0], e[1]))
-        self.entries, self.at, self.ordered = rest, 0, True
+        if self.one:             # one record: its indices are distinct and ascending, so the order is reversed
+            rest = self.entries[::-1]
+        else:
+            rest = self.entries[self.at:]
+            rest.sort(key=lambda e: (-e[0], e[1]))
+        self.entries, self.at, self.ordered, self.one = rest, 0, True, False
 
 
 class _Index:
@@ -58,10 +62,13 @@ class _Index:
         b = self.buckets.get(ms)
         if b is None:
             b = self.buckets[ms] = _Bucket()
-            if not self.order[self.head:] or ms > self.order[-1]:
+            b.one = True
+            if self.head >= len(self.order) or ms > self.order[-1]:
                 self.order.append(ms)
             else:                            # an earlier millisecond than the newest (a clock that went back)
                 insort(self.order, ms, lo=self.head)
+        else:
+            b.one = False
         b.entries.extend(enumerate(hashes))
         b.ordered = False
         self.entries += len(hashes)
