@@ -9,9 +9,9 @@ import hmac
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -21,12 +21,13 @@ from litestar.response import Stream
 
 from backends.health import probe_forever, probe_once
 from backends.http_client import ClientLimits, UpstreamClient, make_client
-from backends.kv_events import dp_endpoint
 from backends.registry import Registry
 from backends.tokenization import TokenizerCache, tokenizer_executor
 from backends.vllm_metrics import scrape_forever
 from policies.schema import InstanceSpec, Policy, load_policy
 from router.accounting import Accountant
+from router.admission.live import LiveGate
+from router.admission.window_store import WindowStore
 from router.affinity_store import AffinityStore, Breaker
 from router.budget_store import BudgetStore
 from router.deadlines import Deadlines
@@ -36,7 +37,7 @@ from router.drain import DrainController
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
 from router.journal import Journal
-from router.kv_events import InstanceIndexer, KVEventSubscriber
+from router.kv_events import kv_subscribers
 from router.limits import RequestLimits
 from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
@@ -44,7 +45,6 @@ from router.logs import get_logger
 from router.metrics import RouterMetrics, tenant_labeler
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
-from router.prefix_hash import tier_seed
 from router.replay.record import TraceRecorder
 from router.settings import Settings
 from router.shadow import Shadow
@@ -52,6 +52,7 @@ from router.throttle import FailureThrottle
 from router.usage_routes import usage_handlers
 
 _enc = msgspec.json.Encoder()
+T = TypeVar("T")
 JSON = "application/json"
 
 
@@ -60,27 +61,6 @@ def make_redis(url: str, timeout_s: float) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=max(timeout_s, 0.2),
                                    retry_on_timeout=False, retry=None, health_check_interval=0,
                                    single_connection_client=False)
-
-
-def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
-                   metrics: RouterMetrics) -> dict[tuple[str, str, str], KVEventSubscriber]:
-    """One subscriber per instance that publishes KV events, keyed by (tier, instance, endpoints); it listens
-    on every data-parallel rank's endpoint (`kv_events_dp_ranks`, backends.kv_events.dp_endpoint)."""
-    subs = {}
-    for inst in registry.all_instances():
-        tier = policy.tiers[inst.tier]
-        if inst.kv_events is None or not tier.affinity.enabled:
-            continue
-        aff = tier.affinity
-        ranks = next((s.kv_events_dp_ranks for s in tier.instances if s.id == inst.instance_id), 1)
-        endpoints = [dp_endpoint(inst.kv_events, r) for r in range(ranks)]
-        indexer = InstanceIndexer(tier_seed(inst.tier, tier.model, tier.block_size), tier.block_size,
-                                  aff.dense_blocks, aff.max_blocks, registry.capacity_blocks(inst))
-        subs[(inst.tier, inst.instance_id, " ".join(endpoints))] = KVEventSubscriber(
-            endpoints, inst.tier, inst.instance_id, indexer, store, aff.ttl_s,
-            capacity=lambda i=inst: registry.capacity_blocks(i),  # type: ignore[misc]
-            on_event=lambda kind, i=inst: metrics.child(metrics.kv_events, i.tier, i.instance_id, kind).inc())  # type: ignore[misc]
-    return subs
 
 
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
@@ -128,10 +108,12 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     if settings.shadow_policy_path:     # a second policy, decided on live traffic, never serving (router/shadow.py)
         shadow = Shadow(settings.shadow_policy_path, metrics, executor, interval_s=settings.policy_reload_interval_s)
         shadow.load_now()
+    gate = LiveGate(policy.admission, WindowStore(store, timeout_s=settings.redis_timeout_s).take
+                    if store is not None else None, metrics)   # prefill windows and queues (issue #14)
     gw = Gateway(policy, registry, client, metrics, tokenizers, executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
                  affinity_store=aff_store, accountant=accountant, records=records, shadow=shadow,
-                 explain_max_candidates=settings.explain_max_candidates)
+                 explain_max_candidates=settings.explain_max_candidates, gate=gate)
     drain = drain or DrainController(settings.drain_grace_s, settings.drain_timeout_s)
     gw.forwarder.cuts = drain.cuts  # streams the drain may cut at its deadline
     gw.forwarder.deadlines = Deadlines.from_settings(settings)   # first byte and stall (router/deadlines.py)
@@ -196,6 +178,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         tasks = [asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe"),
                  asyncio.create_task(scrape_forever(client, registry, settings.scrape_interval_s), name="scrape")]
         tasks.append(asyncio.create_task(accountant.background(), name="accounting"))
+        tasks.append(asyncio.create_task(gate.run(), name="admission-gate"))
         if recorder is not None:
             tasks.append(asyncio.create_task(recorder.run(), name="trace-record"))
         if load_sync is not None:
@@ -259,7 +242,10 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         raw = b""
         try:  # the size is checked before anything else: 413 before reading when Content-Length says so
             raw = await limits.read(request.receive, request.headers.get("content-length"), gw.view)
-            reply = await gw.handle(kind, raw, request.headers.get("authorization"), rid, request.headers)
+            reply = await until_gone(gw.handle(kind, raw, request.headers.get("authorization"), rid,
+                                               request.headers), request.receive)
+            if reply is None:   # the client left before the answer: cancelled (queue left, upstream aborted)
+                return render(499, b"")
         except ApiError as exc:
             return fail(exc, rid)
         finally:
@@ -374,6 +360,30 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
+
+
+async def until_gone(work: Coroutine[Any, Any, T], receive: Callable[[], Awaitable[Any]]) -> T | None:
+    """`work`'s result, or None once the client disconnects first (`work` is then cancelled, so a request
+    waiting in the admission queue or on a non-streamed upstream answer stops and is billed nothing)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:     # this handler itself cancelled: take the work down with it
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 async def _note_version(store: aioredis.Redis, version: str) -> None:

@@ -25,6 +25,7 @@ from backends.tokenization import TokenizerCache
 from policies.schema import Policy
 from policies.types import RoutingDecision
 from router.accounting import Accountant
+from router.admission.live import LiveGate
 from router.affinity_store import AffinityStore
 from router.errors import ApiError
 from router.explain import decision_doc, header_value, wants_explain, with_explain
@@ -80,7 +81,8 @@ class Gateway:
                  tokenizers: TokenizerCache, executor: Any, *, max_attempts: int = 3,
                  expose_decision: bool = False, affinity_store: AffinityStore | None = None,
                  accountant: Accountant | None = None, records: RecordSink | None = None,
-                 shadow: Shadow | None = None, explain_max_candidates: int = 16) -> None:
+                 shadow: Shadow | None = None, explain_max_candidates: int = 16,
+                 gate: LiveGate | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self.view = build_view(policy, registry, tokenizers, executor, affinity_store)  # swapped on reload
@@ -93,6 +95,7 @@ class Gateway:
         self.core = Lifecycle(registry, accountant=accountant, metrics=metrics, max_attempts=max_attempts,
                               log=self.log, records=records)
         self.shadow = shadow
+        self.gate = gate
         self.explain_max_candidates = explain_max_candidates
 
     @property
@@ -223,11 +226,16 @@ class Gateway:
             core.close_out(p, out)
 
         try:
+            if self.gate is not None:   # prefill windows and the queue (router/admission/live.py)
+                await self.gate.admit(core, p)
+                decision = p.decision or decision
             up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out,
                                            done, counts, slo=p.rreq,
                                            on_dispatch=lambda c: v.affinity.record(c.tier, c.instance_id, hashes))
-        except BaseException:
-            if not p.closed:  # cancelled before any answer (client gone): release the reservation
+        except BaseException as exc:
+            if not p.closed:  # shed, or cancelled before any answer (client gone): release the reservation
+                if isinstance(exc, ApiError):
+                    out.status, out.error = exc.status, exc.message
                 out.status = out.status or 499
                 out.error = out.error or "client disconnected before the response"
                 done()

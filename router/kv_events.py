@@ -41,11 +41,15 @@ from backends.kv_events import (
     BlockStored,
     EngineHash,
     KVEvent,
+    dp_endpoint,
     frame_shape,
 )
+from backends.registry import Registry
+from policies.schema import Policy
 from router.affinity_store import AffinityStore
 from router.logs import get_logger
-from router.prefix_hash import chain_hash, is_sampled
+from router.metrics import RouterMetrics
+from router.prefix_hash import chain_hash, is_sampled, tier_seed
 
 Holder = tuple[int, str, int]   # (data-parallel rank, medium, KV-cache group)
 Blocks = OrderedDict[EngineHash, tuple[bytes, int]]
@@ -271,3 +275,24 @@ class KVEventSubscriber:
                     last_flush = loop.time()
         finally:
             sock.close(linger=0)
+
+
+def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
+                   metrics: RouterMetrics) -> dict[tuple[str, str, str], KVEventSubscriber]:
+    """One subscriber per instance that publishes KV events, keyed by (tier, instance, endpoints); it listens
+    on every data-parallel rank's endpoint (`kv_events_dp_ranks`, backends.kv_events.dp_endpoint)."""
+    subs = {}
+    for inst in registry.all_instances():
+        tier = policy.tiers[inst.tier]
+        if inst.kv_events is None or not tier.affinity.enabled:
+            continue
+        aff = tier.affinity
+        ranks = next((s.kv_events_dp_ranks for s in tier.instances if s.id == inst.instance_id), 1)
+        endpoints = [dp_endpoint(inst.kv_events, r) for r in range(ranks)]
+        indexer = InstanceIndexer(tier_seed(inst.tier, tier.model, tier.block_size), tier.block_size,
+                                  aff.dense_blocks, aff.max_blocks, registry.capacity_blocks(inst))
+        subs[(inst.tier, inst.instance_id, " ".join(endpoints))] = KVEventSubscriber(
+            endpoints, inst.tier, inst.instance_id, indexer, store, aff.ttl_s,
+            capacity=lambda i=inst: registry.capacity_blocks(i),  # type: ignore[misc]
+            on_event=lambda kind, i=inst: metrics.child(metrics.kv_events, i.tier, i.instance_id, kind).inc())  # type: ignore[misc]
+    return subs

@@ -33,11 +33,12 @@ class World:
         d = redecide(lambda c: c)
         assert d is not None and d.chosen is not None
         ttft = r.ttft_target_s or 1.0
-        return Ticket(rid, d.chosen.tier, prompt, self.now, self.now + ttft / 2, redecide, d)
+        return Ticket(rid, d.chosen.tier, prompt, self.now, self.now + ttft / 2, redecide, d,
+                      cost_of=lambda c: prompt)
 
     async def enter(self, t: Ticket, cls: str = "interactive", tenant: str = "a") -> bool:
         prio = {"interactive": 1, "relaxed": 0}[cls]
-        return await self.gate.enter(t, lambda c: t.cost, self.now, prio, 1.0, False, tenant)
+        return await self.gate.enter(t, self.now, prio, 1.0, False, tenant)
 
 
 async def test_a_window_admits_a_burst_then_queues_and_releases_on_the_instance_that_opens_first() -> None:
@@ -52,7 +53,7 @@ async def test_a_window_admits_a_burst_then_queues_and_releases_on_the_instance_
     wake = w.gate.next_wake("fast", w.now)
     assert wake is not None and 0.005 < wake < 0.02      # the debt of 3,000 - 1,902 tokens at 190K/s
     w.now = wake
-    released = await w.gate.release("fast", lambda tk, c: tk.cost, w.now)
+    released = await w.gate.release("fast", w.now)
     assert released == [t] and t.outcome == "released" and t.decision.chosen is not None
 
 
@@ -78,7 +79,7 @@ async def test_interactive_is_released_before_relaxed_that_queued_first() -> Non
     inter = w.ticket("int", 500)
     assert not await w.enter(relaxed, "relaxed") and not await w.enter(inter)
     w.now = w.gate.next_wake("fast", w.now) or 0.0
-    out = await w.gate.release("fast", lambda tk, c: tk.cost, w.now)
+    out = await w.gate.release("fast", w.now)
     assert out[0] is inter
 
 

@@ -227,7 +227,7 @@ profiles:
 def test_kv_subscribers_listen_on_every_dp_rank(store: AffinityStore) -> None:
     from backends.registry import Registry
     from policies.schema import parse_policy
-    from router.app import kv_subscribers
+    from router.kv_events import kv_subscribers
     from router.metrics import RouterMetrics
 
     policy = parse_policy(POLICY)

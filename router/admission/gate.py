@@ -58,6 +58,8 @@ class Ticket:
     deadline: float                   # dispatched as decided by then (bypass)
     redecide: Redecide                # the core's decision over adjusted candidates
     decision: RoutingDecision
+    cost_of: Callable[[Candidate], int] = lambda c: 0   # uncached prefill tokens on a candidate
+    slo_class: str = ""
     waiting: Waiting[Ticket] | None = None
     outcome: str = ""                 # released | bypassed | shed | left
     shed_status: int = 503
@@ -72,6 +74,7 @@ class Gate:
     notify: Callable[[Ticket], None] = lambda t: None    # a queued ticket was shed (its driver answers it)
     queues: dict[str, AdmissionQueue[Ticket]] = field(default_factory=dict)
     closed: dict[str, float] = field(default_factory=dict)   # "tier/instance" -> opens at (driver clock)
+    retry_at: dict[str, float] = field(default_factory=dict)  # tier -> no walk before (nothing to bind to)
 
     def sizing(self, c: Candidate) -> tuple[float, float] | None:
         """(rate tokens/s, burst tokens) of the candidate's window; None: no window (rate unknown)."""
@@ -97,6 +100,7 @@ class Gate:
             g = self.local.take_now(c.tier, c.instance_id, cost, rate, burst)
             store = "local"
         if g.ok:
+            self.closed.pop(c.key, None)
             self.on_event("window_tokens", f"{c.tier}|{store}", float(cost))
         else:
             self.closed[c.key] = now + g.wait_s
@@ -139,9 +143,9 @@ class Gate:
                 return msgspec.structs.replace(d, chosen=alt, ranked=[alt, *(x for x in d.ranked if x is not alt)])
         return d
 
-    async def enter(self, t: Ticket, cost_of: Callable[[Candidate], int], now: float, priority: int,
-                    weight: float, batch: bool, tenant: str) -> bool:
+    async def enter(self, t: Ticket, now: float, priority: int, weight: float, batch: bool, tenant: str) -> bool:
         """True: go now (`t.decision` is what to send). False: `t` waits (or was shed: `t.outcome`)."""
+        cost_of = t.cost_of
         chosen = t.decision.chosen
         assert chosen is not None
         if (await self.take(chosen, cost_of(chosen), now)).ok:
@@ -174,15 +178,17 @@ class Gate:
             t.outcome = outcome
 
     def next_wake(self, tier: str, now: float) -> float | None:
-        """When the tier's queue should be walked again: its earliest closed window's opening."""
+        """When the tier's queue should be walked again: its earliest closed window's opening (now, if one
+        has opened since), else after the shortest window."""
         q = self.queues.get(tier)
         if q is None or not len(q):
             return None
         prefix = f"{tier}/"
-        opens = [t for k, t in self.closed.items() if k.startswith(prefix) and t > now]
-        return min(opens) if opens else now + self.spec.min_window_ms / 1000.0
+        opens = [t for k, t in self.closed.items() if k.startswith(prefix)]
+        at = min(opens) if opens else now + self.spec.min_window_ms / 1000.0
+        return max(at, self.retry_at.get(tier, at))
 
-    async def release(self, tier: str, cost_of: Callable[[Ticket, Candidate], int], now: float) -> list[Ticket]:
+    async def release(self, tier: str, now: float) -> list[Ticket]:
         """Walk the tier's queue (module doc): the tickets released now, their decisions updated."""
         q = self.queues.get(tier)
         out: list[Ticket] = []
@@ -194,9 +200,11 @@ class Gate:
             if again is not None:
                 again = self.prefer_open(again, now)
             if again is None or again.chosen is None or not self.is_open(again.chosen.key, now):
+                if again is None or again.chosen is None:    # nothing to bind to now: look again shortly
+                    self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
             c = again.chosen
-            if not (await self.take(c, cost_of(t, c), now)).ok:
+            if not (await self.take(c, t.cost_of(c), now)).ok:
                 break
             q.release(w)
             t.decision, t.outcome = again, "released"

@@ -168,11 +168,15 @@ class Lifecycle:
         p.hashes = hashes
         p.cached, p.affinity = await p.view.affinity.lookup(hashes)
 
-    def evaluate(self, p: Pending) -> RoutingDecision:
+    def evaluate(self, p: Pending, adjust: Callable[[list[Candidate]], list[Candidate]] | None = None,
+                 tiers: tuple[str, ...] | None = None) -> RoutingDecision:
         """The route's profile over a snapshot of the candidates (kept in `p.candidates`); no refusal, no
-        admission: what `decide` and a dry-run both run."""
+        admission: what `decide` and a dry-run both run. The admission gate (router/admission/gate.py)
+        decides again with `adjust` (the queue ahead of each candidate) among `tiers` (those the request's
+        reservation covers)."""
         route = p.view.policy.routes[p.route]
-        p.candidates = self.registry.candidates(p.tiers, p.cached)
+        cands = self.registry.candidates(tiers or p.tiers, p.cached)
+        p.candidates = adjust(cands) if adjust is not None else cands
         return p.view.profiles[route.profile].decide(p.rreq, p.candidates)
 
     def refusal(self, p: Pending, decision: RoutingDecision) -> ApiError | None:

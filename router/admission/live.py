@@ -1,0 +1,143 @@
+"""The admission gate on the live router's event loop (router/admission/gate.py holds the algorithm).
+
+A request the gate queues waits on a future: the lifespan-owned `run` task sleeps until the earliest
+opening of a queued tier's windows (or a new arrival's kick), walks that queue and resolves the futures
+of the requests it released. A waiting request leaves at its class's `max_queue_ms` (bypass: dispatched
+as last decided) or when its client goes away (cancelled: it leaves the queue; the caller releases its
+budget reservation, so it is billed nothing). A shed request gets the gate's status with Retry-After.
+The windows are shared through Redis (router/admission/window_store.py); when a call fails, this
+replica's own windows answer (the in-memory twin), counted in `tiergate_window_tokens{store="local"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from policies.admission_spec import AdmissionSpec
+from policies.types import Candidate
+from router.admission.gate import Gate, Take, Ticket
+from router.errors import ApiError
+from router.lifecycle.core import Lifecycle, Pending
+from router.logs import get_logger
+from router.metrics import RouterMetrics
+from router.replay.window_twin import MemoryWindowStore
+
+DEFAULT_MAX_QUEUE_S = 0.5      # a class with neither max_queue_ms nor a TTFT target
+
+
+class LiveGate:
+    def __init__(self, spec: AdmissionSpec, take_shared: Take | None, metrics: RouterMetrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.gate = Gate(spec, take_shared, MemoryWindowStore(lambda: int(clock() * 1000)), on_event=self._event)
+        self.gate.notify = self._shed
+        self.waiters: dict[Ticket, asyncio.Future[None]] = {}
+        self.log = get_logger("tiergate.admission")
+        self._kick: asyncio.Event | None = None
+
+    @property
+    def kick(self) -> asyncio.Event:
+        if self._kick is None:
+            self._kick = asyncio.Event()
+        return self._kick
+
+    def _event(self, kind: str, key: str, value: float) -> None:
+        m = self.metrics
+        if kind == "window_tokens":
+            tier, _, store = key.partition("|")
+            m.child(m.window_tokens, tier, store).inc(value)
+        elif kind == "window_budget":
+            tier, _, inst = key.partition("/")
+            m.child(m.window_budget, tier, inst).set(value)
+
+    def _depth(self, t: Ticket, delta: int) -> None:
+        self.metrics.child(self.metrics.queue_depth, t.tier, t.slo_class).inc(delta)
+
+    def _shed(self, t: Ticket) -> None:
+        fut = self.waiters.get(t)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def admit(self, core: Lifecycle, p: Pending) -> None:
+        """Through the windows: `p.decision` may move to another instance or tier among those its
+        reservation covers; ApiError when shed. Without `admission.windows`, nothing happens."""
+        pol = p.view.policy
+        self.gate.spec = pol.admission
+        d = p.decision
+        if not pol.admission.windows or d is None or d.chosen is None:
+            return
+        tried = tuple(t for t in p.tiers if t in core.tiers_tried(d))
+        cls = pol.slo_classes.get(p.rreq.slo_class)
+        max_q = (cls.max_queue_ms / 1000 if cls is not None and cls.max_queue_ms is not None else
+                 p.rreq.ttft_target_s / 2 if p.rreq.ttft_target_s else DEFAULT_MAX_QUEUE_S)
+        now = self.clock()
+        counts = p.counts
+
+        def cost_of(c: Candidate) -> int:
+            return max(0, counts.get(c.tier, 0) - c.cached_tokens)
+
+        t = Ticket(p.rid, d.chosen.tier, 0, now, now + max_q, lambda adj: core.evaluate(p, adj, tried), d,
+                   cost_of=cost_of, slo_class=p.rreq.slo_class)
+        go = await self.gate.enter(t, now, cls.priority if cls else 0, pol.tenants[p.tenant].weight,
+                                   bool(cls and cls.batchable), p.tenant)
+        if not go:
+            await self._wait(t)
+        p.decision = t.decision
+        if t.outcome:
+            p.notes["queued"] = {"outcome": t.outcome, "wait_ms": round((self.clock() - now) * 1000, 3)}
+
+    async def _wait(self, t: Ticket) -> None:
+        if t.outcome == "shed":
+            self._shed_error(t)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters[t] = fut
+        self._depth(t, 1)
+        self.kick.set()
+        try:
+            async with asyncio.timeout(max(0.0, t.deadline - self.clock())):
+                await fut
+        except TimeoutError:
+            self.gate.leave(t, "bypassed")
+        except BaseException:
+            self.gate.leave(t, "left")
+            raise
+        finally:
+            self.waiters.pop(t, None)
+            self._depth(t, -1)
+            self.metrics.child(self.metrics.queue_wait, t.tier, t.outcome or "left").observe(self.clock() - t.at)
+        if t.outcome == "shed":
+            self._shed_error(t)
+
+    def _shed_error(self, t: Ticket) -> None:
+        self.metrics.child(self.metrics.shed, t.tier, t.slo_class).inc()
+        raise ApiError(t.shed_status, f"the {t.tier} tier's admission queue is full; retry shortly",
+                       code="queue_full" if t.shed_status == 429 else "overloaded", headers={"Retry-After": "1"})
+
+    async def run(self) -> None:
+        """Walk each queue at its windows' openings, until cancelled (the lifespan owns this task)."""
+        while True:
+            now = self.clock()
+            wakes = [(w, tier) for tier in list(self.gate.queues) if (w := self.gate.next_wake(tier, now)) is not None]
+            due = [tier for w, tier in wakes if w <= now]
+            if not due:
+                self.kick.clear()
+                delay = min(w for w, _ in wakes) - now if wakes else None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self.kick.wait()
+                continue
+            for tier in due:
+                try:
+                    released = await self.gate.release(tier, self.clock())
+                except Exception:        # a bug must not stop the gate: its waiters still leave at deadline
+                    self.log.exception("admission_release_failed", tier=tier)
+                    await asyncio.sleep(self.gate.spec.min_window_ms / 1000)
+                    continue
+                for t in released:
+                    fut = self.waiters.get(t)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
