@@ -72,3 +72,19 @@ class Affinity:
         if inst is None:  # removed by a policy reload while the request ran
             return
         self.store.record_later(tier, instance, ph.hashes, self.specs[tier].ttl_s, self.registry.capacity_blocks(inst))
+
+    async def claim(self, tier: str, chosen: str, cached: dict[str, int],
+                    hashes: dict[str, PrefixHashes]) -> tuple[str, int] | None:
+        """Prefix coalescing at decision time (router/affinity_store.py `claim`): record the prompt for
+        `chosen`, unless another instance of the tier took more of it since the lookup (`cached`: expected
+        cached tokens by candidate key, as the lookup answered): then (that instance, its cached tokens).
+        None: no claim (affinity off for the tier, or the index unavailable: fail open)."""
+        ph = hashes.get(tier)
+        rt = self.registry.tiers.get(tier)
+        inst = self.registry.find(tier, chosen)
+        if self.store is None or ph is None or not ph.hashes or rt is None or inst is None:
+            return None
+        seen = [(i.instance_id, ph.matched_for(cached.get(f"{tier}/{i.instance_id}", 0))) for i in rt.instances]
+        got = await self.store.claim(tier, chosen, seen, ph.hashes, self.specs[tier].ttl_s,
+                                     self.registry.capacity_blocks(inst))
+        return None if got is None else (got[0], ph.tokens_for(got[1]))

@@ -23,7 +23,7 @@ from backends.http_client import UpstreamClient
 from backends.registry import Registry
 from backends.tokenization import TokenizerCache
 from policies.schema import Policy
-from policies.types import RoutingDecision
+from policies.types import Candidate, RoutingDecision
 from router.accounting import Accountant
 from router.admission.live import LiveGate
 from router.affinity_store import AffinityStore
@@ -225,13 +225,25 @@ class Gateway:
         def done() -> None:
             core.close_out(p, out)
 
+        claim = await core.coalesce(p)      # a new prefix: claimed now, or follow who just claimed it
+        decision = p.decision or decision
+        if claim is not None:
+            tier = decision.chosen.tier if decision.chosen is not None else "none"
+            self.metrics.child(self.metrics.coalesced, tier, claim).inc()
+            p.notes["claim"] = claim
+        claimed = decision.chosen.key if claim == "claimed" and decision.chosen is not None else None
+
+        def on_dispatch(c: Candidate) -> None:   # the claim recorded the first choice already
+            if c.key != claimed:
+                v.affinity.record(c.tier, c.instance_id, hashes)
+
         try:
             if self.gate is not None:   # prefill windows and the queue (router/admission/live.py)
                 await self.gate.admit(core, p)
                 decision = p.decision or decision
             up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out,
                                            done, counts, slo=p.rreq,
-                                           on_dispatch=lambda c: v.affinity.record(c.tier, c.instance_id, hashes))
+                                           on_dispatch=on_dispatch)
         except BaseException as exc:
             if not p.closed:  # shed, or cancelled before any answer (client gone): release the reservation
                 if isinstance(exc, ApiError):

@@ -159,9 +159,10 @@ class RouterMetrics:
         self.window_budget = Gauge("tiergate_window_budget_tokens", "An instance's window budget (burst) as last "
                                    "sized from its prefill rate, step time and KV use.", ["tier", "instance"],
                                    registry=r)
-        self.coalesced = Counter("tiergate_coalesced_requests", "Requests sent where a concurrent request had just "
-                                 "claimed their prefix (result: followed; kept, the decision kept its choice; "
-                                 "unavailable, the claim failed open).", ["tier", "result"], registry=r)
+        self.coalesced = Counter("tiergate_coalesced_requests", "Prefix claims at decision time (result: "
+                                 "claimed, recorded for the choice; followed, moved to the instance a "
+                                 "concurrent request had just claimed the prefix on; kept, that instance was "
+                                 "worse by the policy).", ["tier", "result"], registry=r)
         self.shed = Counter("tiergate_shed_requests", "Requests shed by a full admission queue, by SLO class.",
                             ["tier", "slo_class"], registry=r)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -77,6 +78,10 @@ class PrefixHashes:
     def tokens_for(self, matched: int) -> int:
         """Cached prompt tokens implied by `matched` leading sampled hashes being present."""
         return 0 if matched <= 0 else (self.positions[matched - 1] + 1) * self.block_size
+
+    def matched_for(self, tokens: int) -> int:
+        """The inverse of `tokens_for`: how many leading sampled hashes `tokens` cached tokens stand for."""
+        return bisect_right(self.positions, tokens // self.block_size - 1) if tokens > 0 else 0
 
 
 def prefix_hashes(ids: Sequence[int], seed: bytes, block_size: int, dense_blocks: int,

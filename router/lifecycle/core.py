@@ -230,6 +230,31 @@ class Lifecycle:
             self.recorder.begin(p)
         return cap, admitted
 
+    async def coalesce(self, p: Pending) -> str | None:
+        """Prefix coalescing (`admission.coalesce`, router/affinity_store.py `claim`): claim the prompt for
+        the chosen instance at decision time. When a concurrent request (on any replica) has just claimed
+        a longer part of it elsewhere, that instance's expected cached tokens are updated and the request
+        decided again among the tiers its reservation covers, so the money objective sends it there unless
+        the load or the SLO says otherwise. -> "claimed" (recorded for the choice), "followed" (moved to
+        the claimer), "kept" (the claimer is worse), or None (no claim: off, or the index unavailable)."""
+        d = p.decision
+        if d is None or d.chosen is None or not p.view.policy.admission.coalesce:
+            return None
+        c = d.chosen
+        got = await p.view.affinity.claim(c.tier, c.instance_id, p.cached, p.hashes)
+        if got is None:
+            return None
+        who, tokens = got
+        if who == c.instance_id:
+            return "claimed"
+        p.cached[f"{c.tier}/{who}"] = tokens
+        tried = tuple(t for t in p.tiers if t in self.tiers_tried(d))
+        again = self.evaluate(p, tiers=tried)
+        if again.chosen is None:
+            return "kept"
+        p.decision = again
+        return "followed" if again.chosen.key == f"{c.tier}/{who}" else "kept"
+
     def _after_reload(self, p: Pending, tiers: tuple[str, ...]) -> RoutingDecision:
         """A reload that removed every instance this request was routed to while it awaited admission:
         decide again, among the tiers its reservation covers (else keep it, and the forwarder answers 503)."""

@@ -24,24 +24,29 @@ from collections.abc import Callable, Sequence
 
 
 class _Bucket:
-    """The entries recorded in one millisecond: (index in its record, member), score = ms x 1024 - index."""
+    """The entries recorded in one millisecond: (index in its record, member), score = ms x 1024 - index.
+    Records are kept as they came (`recs`, no pair per entry: the replay adds millions of them) until the
+    bucket is ordered, when they become (index, member) pairs."""
 
-    __slots__ = ("at", "entries", "one", "ordered")
+    __slots__ = ("at", "entries", "ordered", "recs")
 
     def __init__(self) -> None:
-        self.entries: list[tuple[int, bytes]] = []
+        self.entries: list[tuple[int, bytes]] = []   # pairs: lowest first once ordered (else as compacted)
+        self.recs: list[Sequence[bytes]] = []        # records not yet in `entries`, each its members in order
         self.at = 0              # entries before this were taken (once ordered)
         self.ordered = False
-        self.one = False         # holds exactly one record, as added (indices 0, 1, ... ascending)
 
     def order(self) -> None:
         """Lowest (score, member) first: the highest index first, members ascending."""
-        if self.one:             # one record: its indices are distinct and ascending, so the order is reversed
-            rest = self.entries[::-1]
+        rest = self.entries[self.at:]
+        if len(self.recs) == 1 and not rest:     # one record: distinct ascending indices, so just reversed
+            rec = self.recs[0]
+            rest = [(i, rec[i]) for i in range(len(rec) - 1, -1, -1)]
         else:
-            rest = self.entries[self.at:]
+            for rec in self.recs:
+                rest.extend(enumerate(rec))
             rest.sort(key=lambda e: (-e[0], e[1]))
-        self.entries, self.at, self.ordered, self.one = rest, 0, True, False
+        self.entries, self.recs, self.at, self.ordered = rest, [], 0, True
 
 
 class _Index:
@@ -62,14 +67,11 @@ class _Index:
         b = self.buckets.get(ms)
         if b is None:
             b = self.buckets[ms] = _Bucket()
-            b.one = True
             if self.head >= len(self.order) or ms > self.order[-1]:
                 self.order.append(ms)
             else:                            # an earlier millisecond than the newest (a clock that went back)
                 insort(self.order, ms, lo=self.head)
-        else:
-            b.one = False
-        b.entries.extend(enumerate(hashes))
+        b.recs.append(hashes if type(hashes) is tuple else tuple(hashes))
         b.ordered = False
         self.entries += len(hashes)
         base = ms * 1024
@@ -195,6 +197,29 @@ class MemoryAffinityStore:
     def record_later(self, tier: str, instance: str, hashes: Sequence[bytes], ttl_s: float,
                      capacity_blocks: int) -> None:
         self.record_now(tier, instance, hashes, ttl_s, capacity_blocks)
+
+    async def claim(self, tier: str, chosen: str, seen: Sequence[tuple[str, int]], hashes: Sequence[bytes],
+                    ttl_s: float, capacity_blocks: int) -> tuple[str, int] | None:
+        return self.claim_now(tier, chosen, seen, hashes, ttl_s, capacity_blocks)
+
+    def claim_now(self, tier: str, chosen: str, seen: Sequence[tuple[str, int]], hashes: Sequence[bytes],
+                  ttl_s: float, capacity_blocks: int) -> tuple[str, int]:
+        """As the Redis store's `claim` (its _CLAIM script): a longer prefix that appeared elsewhere since
+        the lookup names that instance; else record for `chosen`."""
+        if not hashes:
+            return chosen, 0
+        others = [(i, n) for i, n in seen if i != chosen]
+        found = self.lookup_now([(tier, [chosen, *(i for i, _ in others)], hashes)], ttl_s)
+        mine = found.get((tier, chosen), 0)
+        best, best_n = chosen, mine
+        for inst, was in others:
+            n = found.get((tier, inst), 0)
+            if n > was and n > best_n:
+                best, best_n = inst, n
+        if best != chosen:
+            return best, best_n
+        self.record_now(tier, chosen, hashes, ttl_s, capacity_blocks)
+        return chosen, mine
 
     async def remove(self, tier: str, instance: str, hashes: Sequence[bytes]) -> None:
         idx = self._get(tier, instance, self.clock_ms())

@@ -5,7 +5,9 @@ A discrete-event loop over three kinds of event, in time order (ties: engines, t
 arrivals; then the order they were made):
   arrival   a trace request: the SLO from its headers (router/slo.py), the route, the core's `start`,
             `gather` (the affinity twin), `decide` (the policy's profile over the registry's candidates),
-            `admit` (the real `Accountant` over the budget twin); then dispatch to the chosen instance:
+            `admit` (the real `Accountant` over the budget twin) (no prefix claim, `Lifecycle.coalesce`:
+            a replayed request's lookup, decision and dispatch happen at one instant with nothing between
+            them, so its claim could only record what its dispatch records); then dispatch to the chosen instance:
             the load counts the forwarder keeps (`dispatched`), the affinity record the forwarder writes
             as it sends, the engine request with the max_tokens the live router would forward;
   engine    the end of an engine's step or decode run (backends/sim/virtual.py): first tokens (the
