@@ -108,17 +108,23 @@ def test_replay_turns_automatic_gc_back_on() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.binary(min_size=1, max_size=2), min_size=1, max_size=8), min_size=1, max_size=3))
-def test_affinity_bucket_order_of_one_record_equals_the_sort(records: list[list[bytes]]) -> None:
+@given(st.lists(st.lists(st.binary(min_size=1, max_size=2), min_size=1, max_size=8), min_size=1, max_size=3),
+       st.integers(0, 3))
+def test_affinity_bucket_order_equals_the_sort(records: list[list[bytes]], take: int) -> None:
+    """A bucket keeps its records as they came; ordering gives the (-index, member) sort of their pairs (one
+    record: reversed), and a record added after some were taken joins the rest in the same sort."""
     from router.replay.affinity_twin import _Index
+
+    def key(e: tuple[int, bytes]) -> tuple[int, bytes]:
+        return -e[0], e[1]
     idx = _Index()
     for hs in records:
-        idx.add(5, hs)                     # one millisecond: one record (the reversed fast path) or several
+        idx.add(5, hs)
     b = idx.buckets[5]
-    want = sorted(b.entries, key=lambda e: (-e[0], e[1]))
     b.order()
-    assert b.entries == want
-    idx.add(5, [b"z"])                     # a record after ordering: the full sort again
-    want = sorted(b.entries[b.at:], key=lambda e: (-e[0], e[1]))
+    assert b.entries == sorted([(i, m) for hs in records for i, m in enumerate(hs)], key=key)
+    b.at = min(take, len(b.entries))
+    rest = b.entries[b.at:]
+    idx.add(5, [b"z", b"a"])
     b.order()
-    assert b.entries == want
+    assert b.entries == sorted([*rest, (0, b"z"), (1, b"a")], key=key)
