@@ -121,6 +121,18 @@ class KVCache:
     def _take_evictable(self, m: int) -> list[int]:
         """The m least recently used evictable blocks, taken off the queue."""
         head, tail, lru, pos = self._head, self._tail, self._lru, self._pos
+        if m <= 8:                # a few (a decoder's next block): scan the queue's head in Python, as below
+            got: list[int] = []
+            i = head
+            for b in lru[head:min(tail, head + 64)].tolist():
+                if pos[b] == i:
+                    got.append(b)
+                    if len(got) == m:
+                        pos[got] = -1
+                        self._head = i + 1
+                        self._n_evictable -= m
+                        return got
+                i += 1
         w = max(2 * m, 256)
         while True:
             end = min(tail, head + w)
@@ -129,11 +141,11 @@ class KVCache:
             if len(live) >= m or end == tail:
                 break
             w *= 4
-        got = seg[live[:m]]
+        taken = seg[live[:m]]
         self._head = head + int(live[m - 1]) + 1
-        pos[got] = -1
+        pos[taken] = -1
         self._n_evictable -= m
-        return got.tolist()  # type: ignore[no-any-return]
+        return taken.tolist()  # type: ignore[no-any-return]
 
     def allocate(self, n: int) -> list[int] | None:
         if n > self.num_free:
@@ -147,9 +159,12 @@ class KVCache:
             got = self._take_evictable(n - k)
             by_hash = self._by_hash
             hs = list(map(self._hash_of.pop, got))
-            hashed = self._hashed_b
-            for b in got:
-                hashed[b] = 0
+            if len(got) <= 16:
+                hashed = self._hashed_b
+                for b in got:
+                    hashed[b] = 0
+            else:
+                self._hashed[np.array(got, dtype=np.int64)] = False
             # a hash maps to at most one block, so checking all before deleting any gives the same as one by one
             bh_get = by_hash.get
             evicted = [h for h, b in zip(hs, got, strict=True) if bh_get(h) == b]
