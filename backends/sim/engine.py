@@ -206,9 +206,21 @@ class Engine:
                     n = 0
                     break
             if n > 0:
+                self._cache_scheduled(req, n)
                 out.append((req, n))
                 budget -= n
         return budget, preempted
+
+    def _cache_scheduled(self, req: SimRequest, n: int) -> None:
+        """As vLLM V1 does when it schedules a request (vllm-project/vllm @ ace980e6de0540f49b0c63248437a1a7807590c1,
+        vllm/v1/core/kv_cache_manager.py `KVCacheManager.allocate_slots`: `cache_blocks(request,
+        min(total_computed_tokens + num_new_tokens, request.num_tokens))`, before the forward pass): the
+        prompt's full blocks this step will compute go into the prefix cache now, so a request scheduled
+        after it, in this step or while it is still in chunked prefill, reuses them. (Output blocks are
+        cached as their step commits, `commit`.)"""
+        bs = self.profile.block_size
+        upto = min(req.num_computed + n, len(req.prompt_ids))
+        self._cache_full_blocks(req, req.num_computed // bs, upto // bs)
 
     def admit_waiting(self, budget: int, out: list[tuple[SimRequest, int]], others: int = 0) -> None:
         """Then waiting requests in arrival order while the budget and `max_num_seqs` allow (`others`: running
@@ -248,6 +260,7 @@ class Engine:
             req.is_running = True
             if self.keep_latencies:
                 self.stats.queue_time.append(self.clock() - req.arrival)
+            self._cache_scheduled(req, n)
             out.append((req, n))
             budget -= n
 
