@@ -56,7 +56,14 @@ from router.replay.trace import TraceRequest, read_trace, write_trace  # noqa: E
 
 KEY = "sk-tiergate-demo"
 SIMS = {"fast": "qwen3-1.7b-fp8", "balanced": "qwen3-4b-mixed", "long": "qwen3-4b-256k"}
-MODELS = {"fast": "Qwen/Qwen3-1.7B-FP8", "balanced": "Qwen/Qwen3-4B-Instruct-2507", "long": "Qwen/Qwen3-4B-Instruct-2507"}
+MODELS = {"fast": "Qwen/Qwen3-1.7B-FP8", "balanced": "Qwen/Qwen3-4B-Instruct-2507",
+          "long": "Qwen/Qwen3-4B-Instruct-2507"}
+# Replay has no deadlines (its engines never fail), so the live side must not cut a request that is only
+# queued: with derived deadlines (router/deadlines.py, 3 x the predicted TTFT, at least 5 s) the live
+# router cut 9 of 31 queued documents at 30-62 s on the first run (2026-12-03), because the TTFT predictor
+# is linear in prompt tokens while a 200K-token prefill also pays attention over its context (the
+# simulator's prefill_attn_s_per_token_ctx, measured on the H200): 19 s of the 23 s a 200K document takes.
+FIRST_BYTE_S = 900
 VOCAB = (1000, 150_000)   # ordinary Qwen3 token ids (the special tokens start at 151,643)
 
 
@@ -95,7 +102,8 @@ def live_policy(name: str, sims: dict[str, list[str]], scale: float) -> str:
                           text, count=1)
         assert n == 1, tier
         text = text.replace(f"prefill_tokens_per_s: {PREFILL[tier]}\n",
-                            f"prefill_tokens_per_s: {PREFILL[tier] / scale:.0f}\n", 1)
+                            f"prefill_tokens_per_s: {PREFILL[tier] / scale:.0f}\n"
+                            f"    first_byte_timeout_s: {FIRST_BYTE_S}\n", 1)
     return text
 
 
