@@ -122,7 +122,8 @@ async def fan_out(redis_url: str, coalesce: bool) -> list[str]:
     urls = {"fast": [(f"i{k}-{tag}", s.url) for k, s in enumerate(started)]}
     doc = " ".join(f"w{(k * 7919) % 5000}" for k in range(4000)) + tag      # ~8K tokens, new to every instance
     try:
-        async with serve_router(pol, urls, redis_url=redis_url) as a, serve_router(pol, urls, redis_url=redis_url) as b:
+        patient = {"redis_url": redis_url, "affinity_timeout_s": 2.0, "redis_timeout_s": 2.0}   # a busy loop
+        async with serve_router(pol, urls, **patient) as a, serve_router(pol, urls, **patient) as b:
             import httpx
 
             async with httpx.AsyncClient(headers={"authorization": f"Bearer {DEMO_KEY}"}, timeout=60) as c:

@@ -192,6 +192,9 @@ class Gate:
         """Walk the tier's queue (module doc): the tickets released now, their decisions updated."""
         q = self.queues.get(tier)
         out: list[Ticket] = []
+        prefix = f"{tier}/"
+        for k in [k for k, at in self.closed.items() if at <= now and k.startswith(prefix)]:
+            del self.closed[k]           # open again: only windows still closed set the next wake
         while q is not None and len(q):
             w = q.peek()
             assert w is not None

@@ -35,7 +35,7 @@ import gc
 import heapq
 import random
 import tempfile
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,28 +59,20 @@ from router.replay.affinity_twin import MemoryAffinityStore
 from router.replay.blocks import BlockChains
 from router.replay.budget_twin import MemoryBudgetStore
 from router.replay.cluster import build
+from router.replay.gating import ReplayGate
 from router.replay.results import Results
+from router.replay.sync import run_sync
 from router.replay.trace import TraceRequest
 from router.schemas import Usage as ApiUsage
 from router.slo import resolve_slo
 
 T = TypeVar("T")
 EPOCH_MS = 1_767_571_200_000   # 2026-01-05T00:00:00Z: the replay's wall clock starts here (budget periods)
-ENGINE, SCRAPE, ARRIVAL = 0, 1, 2
+ENGINE, SCRAPE, ARRIVAL, GATE = 0, 1, 2, 3
 _NO_RNG = random.Random(0)    # replayed requests draw no token ids (and nobody waits on their event)
 _NO_EVENT = asyncio.Event()
 GC_YOUNG_EVERY = 4096      # arrivals between collections of the young generations (automatic GC is off)
 GC_FULL_EVERY = 1 << 18    # arrivals between full collections
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (the twins') to its result."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    coro.close()
-    raise RuntimeError("a replay port suspended; the replay's ports must answer at once")
 
 
 class ReplayAccountant(Accountant):
@@ -136,6 +128,8 @@ class Replay:
         self.seq = 0
         self.ids = 0
         self.bs = {t: s.block_size for t, s in pol.tiers.items()}
+        self.gate = ReplayGate(pol, self.core, self.wall_ms, lambda t, key: self._push(t, GATE, key),
+                               self._dispatch, self.results.refuse) if pol.admission.windows else None
         for tier, spec in pol.tiers.items():
             if spec.gpu_cost_per_hour:
                 self.results.gpu[tier] = (sizes[tier][1], spec.gpu_cost_per_hour)
@@ -192,10 +186,14 @@ class Replay:
                 ve = self.engines[key]
                 ve.wake(t)
                 self._rewake(key)
+            elif kind == GATE:
+                self.now = t
+                assert self.gate is not None
+                self.gate.on_event(key, t)
             elif kind == SCRAPE:
                 self.now = t
                 self._scrape(t)
-                if pending or any(w is not None for w in self.wakes.values()):
+                if pending or any(w is not None for w in self.wakes.values()) or (self.gate and self.gate.tickets):
                     self._push(t + self.scrape_interval_s, SCRAPE, "")
             else:
                 r = pending.pop()
@@ -241,6 +239,8 @@ class Replay:
         for key, ve in self.engines.items():
             tier = key.partition("/")[0]
             res.busy_s[tier] = res.busy_s.get(tier, 0.0) + ve.busy_s
+        if self.gate is not None:
+            res.queue, res.queue_wait = dict(self.gate.outcomes), self.gate.waited
         for tenant, sums in self.budget.all_aggregates().items():
             res.tenants_units[tenant] = sum(v for k, v in sums.items() if k.endswith("|cost"))
         if self.progress is not None:
@@ -276,6 +276,15 @@ class Replay:
         except ApiError as exc:
             self.results.refuse(exc.status, exc.code)
             return
+        ctx = (r, serial, cap, blocks, hashes)
+        if self.gate is None or self.gate.enter(p, ctx, t):
+            self._dispatch(p, ctx)
+
+    def _dispatch(self, p: Pending, ctx: Any) -> None:
+        """Send a decided, admitted request to its instance, as the forwarder does (the gate may have held
+        it: `ctx` is what `_arrive` knew of it)."""
+        r, serial, cap, blocks, hashes = ctx
+        v, core, t = self.view, self.core, self.now
         assert p.decision is not None
         cand = next((c for c in p.decision.ranked[: core.max_attempts]
                      if self.registry.find(c.tier, c.instance_id) is not None), None)

@@ -59,6 +59,11 @@ def rows(runs: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
         row(f"requests on {t}", lambda s, t=t: f"{s['tiers'].get(t, 0):,}")
         row(f"{t}: USD / cache hit", lambda s, t=t: (f"{s['tier_usd'].get(t, 0):.4f} / "
                                                      f"{(s['tier_cache_hit'].get(t) or 0) * 100:.1f}%"))
+    if any("queue" in s for s in runs.values()):
+        row("queued: released / bypassed / shed", lambda s: "-" if "queue" not in s else
+            f"{s['queue'].get('released', 0):,} / {s['queue'].get('bypassed', 0):,} / {s['queue'].get('shed', 0):,}")
+        row("queue wait p50 / p99 (s)", lambda s: "-" if "queue" not in s else
+            f"{_f(s['queue']['wait_p50_s'], '{:.3f}')} / {_f(s['queue']['wait_p99_s'], '{:.3f}')}")
     for t in sorted({t for s in runs.values() for t in s["tenants_usd"]}):
         row(f"bill {t} (USD)", lambda s, t=t: _f(s["tenants_usd"].get(t), "{:.4f}"))
     for k in sorted({k for s in runs.values() for k in s["refused"]}):

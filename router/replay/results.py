@@ -11,7 +11,9 @@ Summary per policy:
                       target, as the live router counts it), TPOT attainment, TTFT p50 / p99;
   tiers               requests per tier, with each tier's bill (tier_usd) and prompt cache hit
                       (tier_cache_hit); tenants: the bill per tenant (the budget ledger's sums);
-  refused             requests the router refused, by status and code.
+  refused             requests the router refused, by status and code;
+  queue               with `admission.windows`: requests that waited for a window, by how they left the
+                      queue (released, bypassed at max_queue_ms, shed), and their wait p50 / p99.
 Percentiles are nearest-rank over every served request of the class. Nothing here reads a clock.
 """
 
@@ -59,6 +61,8 @@ class Results:
     makespan_s: float = 0.0
     busy_s: dict[str, float] = field(default_factory=dict)
     gpu: dict[str, tuple[int, float]] = field(default_factory=dict)   # tier -> (instances, usd per hour)
+    queue: dict[str, int] | None = None      # admission windows on: requests by how they left the queue
+    queue_wait: list[float] = field(default_factory=list)
 
     def refuse(self, status: int, code: str | None) -> None:
         key = f"{status} {code or ''}".strip()
@@ -122,4 +126,12 @@ class Results:
             "tier_cache_hit": {t: round(k / p, 6) if p else None for t, (p, k) in sorted(self.tier_tokens.items())},
             "tenants_usd": {t: round(self.tenants_units[t] / COST_SCALE, 8) for t in sorted(self.tenants_units)},
             "refused": {k: self.refused[k] for k in sorted(self.refused)},
+            **({} if self.queue is None else {"queue": self._queue()}),
         }
+
+    def _queue(self) -> dict[str, Any]:
+        xs = sorted(self.queue_wait)
+        p50, p99 = pct(xs, 0.50), pct(xs, 0.99)
+        return {**{k: (self.queue or {})[k] for k in sorted(self.queue or {})},
+                "wait_p50_s": None if p50 is None else round(p50, 6),
+                "wait_p99_s": None if p99 is None else round(p99, 6)}
