@@ -189,8 +189,11 @@ async def test_redis_killed_and_restarted_loses_and_doubles_nothing(tmp_path: An
     served = {"prompt": 0, "completion": 0}
     codes: dict[str, list[int]] = {"share": [], "strict": [], "free": []}
     try:
+        # patient Redis timeouts: on a loaded machine a 50 ms timeout while Redis is still up would already
+        # count the first burst against the local allow_share windows (a stopped Redis refuses at once anyway)
         async with serve_router(policy(tag), {"fast": [InstanceSpec(id=f"i-{tag}", url=sim.url)]},
-                                redis_url=valkey.url, data_dir=str(tmp_path / "router")) as base, \
+                                redis_url=valkey.url, data_dir=str(tmp_path / "router"), redis_timeout_s=1.0,
+                                accounting_timeout_s=2.0, affinity_timeout_s=1.0) as base, \
                 httpx.AsyncClient(timeout=30) as c:
 
             async def burst(n: int) -> None:
