@@ -46,8 +46,40 @@ local function now_ms(arg)
 end
 """
 
+# The longest present prefix of ARGV[h0 + 1 .. h0 + nh] in `key` (entries scored below min_score are absent)
+_LONGEST = """
+local function longest(key, h0, nh, min_score)
+  local lo, hi = 0, nh
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    local s = redis.call('ZSCORE', key, ARGV[h0 + mid])
+    if s and tonumber(s) >= min_score then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+"""
+
+# ZADD ARGV[h0 + 1 ..] to `key` scored now_ms * 1024 - i, drop entries past the TTL, trim to `cap`,
+# PEXPIRE; -> the tracked count
+_ADD = """
+local function add(key, h0, now_ms, ttl, cap)
+  local base = now_ms * 1024
+  local args = {}
+  for i = h0 + 1, #ARGV do
+    args[#args + 1] = base - (i - h0 - 1); args[#args + 1] = ARGV[i]
+    if #args >= 2000 then redis.call('ZADD', key, unpack(args)); args = {} end
+  end
+  if #args > 0 then redis.call('ZADD', key, unpack(args)) end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('(%.0f', (now_ms - ttl) * 1024 - 1024))
+  local n = redis.call('ZCARD', key)
+  if n > cap then redis.call('ZREMRANGEBYRANK', key, 0, n - cap - 1) end
+  redis.call('PEXPIRE', key, ttl)
+  return n > cap and cap or n
+end
+"""
+
 # ARGV: now ms ('' = Redis TIME), ttl ms, groups, then per group: instance count, hash count, hashes
-_LOOKUP = _NOW + """
+_LOOKUP = _NOW + _LONGEST + """
 local now_ms = now_ms(ARGV[1])
 local min_score = (now_ms - tonumber(ARGV[2])) * 1024 - 1024
 local out = {}
@@ -57,35 +89,15 @@ for g = 1, tonumber(ARGV[3]) do
   local nkeys = tonumber(ARGV[a]); local nh = tonumber(ARGV[a + 1]); local h0 = a + 1
   a = a + 2 + nh
   for _ = 1, nkeys do
-    local key = KEYS[k]; k = k + 1
-    local lo, hi = 0, nh
-    while lo < hi do
-      local mid = math.floor((lo + hi + 1) / 2)
-      local s = redis.call('ZSCORE', key, ARGV[h0 + mid])
-      if s and tonumber(s) >= min_score then lo = mid else hi = mid - 1 end
-    end
-    out[#out + 1] = lo
+    out[#out + 1] = longest(KEYS[k], h0, nh, min_score); k = k + 1
   end
 end
 return out
 """
 
 # ARGV: now ms ('' = Redis TIME), ttl ms, capacity, hashes
-_RECORD = _NOW + """
-local now_ms = now_ms(ARGV[1])
-local ttl = tonumber(ARGV[2]); local cap = tonumber(ARGV[3])
-local base = now_ms * 1024
-local args = {}
-for i = 4, #ARGV do
-  args[#args + 1] = base - (i - 4); args[#args + 1] = ARGV[i]
-  if #args >= 2000 then redis.call('ZADD', KEYS[1], unpack(args)); args = {} end
-end
-if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%.0f', (now_ms - ttl) * 1024 - 1024))
-local n = redis.call('ZCARD', KEYS[1])
-if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1) end
-redis.call('PEXPIRE', KEYS[1], ttl)
-return n > cap and cap or n
+_RECORD = _NOW + _ADD + """
+return add(KEYS[1], 3, now_ms(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 """
 
 # Claim at decision time (prefix coalescing): KEYS = every instance index of one tier, the chosen first.
@@ -95,39 +107,20 @@ return n > cap and cap or n
 # claimed by a concurrent request (this replica's or another's): returned as {index, matched, chosen's},
 # and nothing is recorded. Else the hashes are recorded for the chosen (as _RECORD) and {1, chosen's,
 # chosen's} returned.
-_CLAIM = _NOW + """
+_CLAIM = _NOW + _LONGEST + _ADD + """
 local now_ms = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2]); local cap = tonumber(ARGV[3]); local ni = tonumber(ARGV[4])
 local h0 = 4 + ni
 local nh = #ARGV - h0
 local min_score = (now_ms - ttl) * 1024 - 1024
-local function match(key)
-  local lo, hi = 0, nh
-  while lo < hi do
-    local mid = math.floor((lo + hi + 1) / 2)
-    local s = redis.call('ZSCORE', key, ARGV[h0 + mid])
-    if s and tonumber(s) >= min_score then lo = mid else hi = mid - 1 end
-  end
-  return lo
-end
-local mine = match(KEYS[1])
+local mine = longest(KEYS[1], h0, nh, min_score)
 local best, best_n = 1, mine
 for k = 2, ni do
-  local n = match(KEYS[k])
+  local n = longest(KEYS[k], h0, nh, min_score)
   if n > tonumber(ARGV[4 + k]) and n > best_n then best, best_n = k, n end
 end
 if best ~= 1 then return {best, best_n, mine} end
-local base = now_ms * 1024
-local args = {}
-for i = h0 + 1, #ARGV do
-  args[#args + 1] = base - (i - h0 - 1); args[#args + 1] = ARGV[i]
-  if #args >= 2000 then redis.call('ZADD', KEYS[1], unpack(args)); args = {} end
-end
-if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%.0f', (now_ms - ttl) * 1024 - 1024))
-local n = redis.call('ZCARD', KEYS[1])
-if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1) end
-redis.call('PEXPIRE', KEYS[1], ttl)
+add(KEYS[1], h0, now_ms, ttl, cap)
 return {1, mine, mine}
 """
 
