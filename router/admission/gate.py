@@ -41,8 +41,10 @@ from policies.admission_spec import AdmissionSpec
 from policies.types import Candidate, RoutingDecision
 from router.admission.queue import AdmissionQueue, Waiting
 from router.admission.window_store import Grant
+from router.lifecycle.core import Lifecycle, Pending
 from router.replay.window_twin import MemoryWindowStore
 
+DEFAULT_MAX_QUEUE_S = 0.5      # a class with neither max_queue_ms nor a TTFT target
 Take = Callable[[str, str, int, float, float], Awaitable[Grant | None]]
 Redecide = Callable[[Callable[[list[Candidate]], list[Candidate]]], RoutingDecision | None]
 
@@ -142,6 +144,25 @@ class Gate:
             if self.is_open(alt.key, now) and d.totals.get(alt.key) == best:
                 return msgspec.structs.replace(d, chosen=alt, ranked=[alt, *(x for x in d.ranked if x is not alt)])
         return d
+
+    async def admit(self, core: Lifecycle, p: Pending, now: float) -> tuple[Ticket, bool]:
+        """`p`'s ticket (decided again by `core` among the tiers its admission reserved; its class's
+        priority, `max_queue_ms` and batchability; its tenant's weight), entered: (ticket, go now)."""
+        d = p.decision
+        assert d is not None and d.chosen is not None
+        pol, counts, tiers = p.view.policy, p.counts, p.reserved or None
+        cls = pol.slo_classes.get(p.rreq.slo_class)
+        max_q = (cls.max_queue_ms / 1000 if cls is not None and cls.max_queue_ms is not None else
+                 p.rreq.ttft_target_s / 2 if p.rreq.ttft_target_s else DEFAULT_MAX_QUEUE_S)
+
+        def cost_of(c: Candidate) -> int:
+            return max(0, counts.get(c.tier, 0) - c.cached_tokens)
+
+        t = Ticket(p.rid, d.chosen.tier, 0, now, now + max_q, lambda adj: core.evaluate(p, adj, tiers), d,
+                   cost_of=cost_of, slo_class=p.rreq.slo_class)
+        go = await self.enter(t, now, cls.priority if cls else 0, pol.tenants[p.tenant].weight,
+                              bool(cls and cls.batchable), p.tenant)
+        return t, go
 
     async def enter(self, t: Ticket, now: float, priority: int, weight: float, batch: bool, tenant: str) -> bool:
         """True: go now (`t.decision` is what to send). False: `t` waits (or was shed: `t.outcome`)."""

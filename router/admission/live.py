@@ -17,15 +17,12 @@ import time
 from collections.abc import Callable
 
 from policies.admission_spec import AdmissionSpec
-from policies.types import Candidate
 from router.admission.gate import Gate, Take, Ticket
 from router.errors import ApiError
 from router.lifecycle.core import Lifecycle, Pending
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 from router.replay.window_twin import MemoryWindowStore
-
-DEFAULT_MAX_QUEUE_S = 0.5      # a class with neither max_queue_ms nor a TTFT target
 
 
 class LiveGate:
@@ -70,20 +67,8 @@ class LiveGate:
         d = p.decision
         if not pol.admission.windows or d is None or d.chosen is None:
             return
-        tried = tuple(t for t in p.tiers if t in core.tiers_tried(d))
-        cls = pol.slo_classes.get(p.rreq.slo_class)
-        max_q = (cls.max_queue_ms / 1000 if cls is not None and cls.max_queue_ms is not None else
-                 p.rreq.ttft_target_s / 2 if p.rreq.ttft_target_s else DEFAULT_MAX_QUEUE_S)
         now = self.clock()
-        counts = p.counts
-
-        def cost_of(c: Candidate) -> int:
-            return max(0, counts.get(c.tier, 0) - c.cached_tokens)
-
-        t = Ticket(p.rid, d.chosen.tier, 0, now, now + max_q, lambda adj: core.evaluate(p, adj, tried), d,
-                   cost_of=cost_of, slo_class=p.rreq.slo_class)
-        go = await self.gate.enter(t, now, cls.priority if cls else 0, pol.tenants[p.tenant].weight,
-                                   bool(cls and cls.batchable), p.tenant)
+        t, go = await self.gate.admit(core, p, now)
         if not go:
             await self._wait(t)
         p.decision = t.decision

@@ -71,6 +71,7 @@ class Pending:
     candidates: list[Candidate] = field(default_factory=list)   # the snapshot the decision was made on
     notes: dict[str, Any] = field(default_factory=dict)        # driver extras for the log line and record
     aid: str = ""                           # the accounting id: admission, settlement, the ledger record
+    reserved: tuple[str, ...] = ()          # the tiers its admission reserved for (what it may still move to)
     wall_ms: int = 0
     overhead: float = 0.0                   # router time before the upstream request was sent
     closed: bool = False
@@ -225,7 +226,8 @@ class Lifecycle:
                                                pol, flex)
         if cap is not None and admitted.granted is not None:
             cap = admitted.granted
-        p.decision = self._after_reload(p, tuple(t for t in p.tiers if t in tried))
+        p.reserved = tuple(t for t in p.tiers if t in tried)
+        p.decision = self._after_reload(p, p.reserved)
         if self.recorder is not None:
             self.recorder.begin(p)
         return cap, admitted
@@ -248,8 +250,7 @@ class Lifecycle:
         if who == c.instance_id:
             return "claimed"
         p.cached[f"{c.tier}/{who}"] = tokens
-        tried = tuple(t for t in p.tiers if t in self.tiers_tried(d))
-        again = self.evaluate(p, tiers=tried)
+        again = self.evaluate(p, tiers=p.reserved or None)
         if again.chosen is None:
             return "kept"
         p.decision = again

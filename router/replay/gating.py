@@ -10,14 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.schema import Policy
-from policies.types import Candidate
 from router.admission.gate import Gate, Ticket
 from router.lifecycle.core import Lifecycle, Pending
 from router.relay import Outcome
 from router.replay.sync import run_sync
 from router.replay.window_twin import MemoryWindowStore
-
-DEFAULT_MAX_QUEUE_S = 0.5
 
 
 @dataclass
@@ -40,22 +37,7 @@ class ReplayGate:
 
     def enter(self, p: Pending, ctx: Any, now: float) -> bool:
         """True: dispatch now (`p.decision` may have moved). False: queued or shed (handled here)."""
-        d = p.decision
-        assert d is not None and d.chosen is not None
-        pol = self.policy
-        tried = tuple(t for t in p.tiers if t in self.core.tiers_tried(d))
-        cls = pol.slo_classes.get(p.rreq.slo_class)
-        max_q = (cls.max_queue_ms / 1000 if cls is not None and cls.max_queue_ms is not None else
-                 p.rreq.ttft_target_s / 2 if p.rreq.ttft_target_s else DEFAULT_MAX_QUEUE_S)
-        counts = p.counts
-
-        def cost_of(c: Candidate) -> int:
-            return max(0, counts.get(c.tier, 0) - c.cached_tokens)
-
-        t = Ticket(p.rid, d.chosen.tier, 0, now, now + max_q, lambda adj: self.core.evaluate(p, adj, tried), d,
-                   cost_of=cost_of, slo_class=p.rreq.slo_class)
-        go = run_sync(self.gate.enter(t, now, cls.priority if cls else 0, pol.tenants[p.tenant].weight,
-                                      bool(cls and cls.batchable), p.tenant))
+        t, go = run_sync(self.gate.admit(self.core, p, now))
         if go:
             p.decision = t.decision
             return True
