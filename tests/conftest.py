@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 import uvicorn
 
 from backends.health import wait_http_ok
 from backends.valkey import EmbeddedValkey, free_port
 from policies.schema import InstanceSpec, Policy
+from router.affinity_store import AffinityStore
 from router.app import create_app
 from router.settings import Settings
 
@@ -47,6 +49,30 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[AffinityStore]:
+    """The shared prefix-affinity index (router/affinity_store.py) on the test Redis."""
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        yield AffinityStore(r, timeout_s=1.0)
+    finally:
+        await r.aclose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test Redis (the stores' contract tests build their stores on it)."""
+    r = aioredis.Redis.from_url(redis_url)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """A store twin contract test runs once on the in-memory twin and once on the Redis store."""
+    return str(request.param)
 
 
 class Stack:

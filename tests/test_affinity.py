@@ -118,15 +118,6 @@ def test_engine_block_events_index_to_the_routers_own_hashes() -> None:
 
 
 # --- the Lua index on a real Redis -------------------------------------------------------
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[AffinityStore]:
-    r = aioredis.Redis.from_url(redis_url)
-    try:
-        yield AffinityStore(r, timeout_s=1.0)
-    finally:
-        await r.aclose()
-
-
 async def test_lookup_finds_each_instances_longest_prefix(store: AffinityStore) -> None:
     t = f"t{uuid.uuid4().hex[:8]}"
     long = prefix_hashes(ids(4000), SEED, 16, 64, 512)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,13 +12,6 @@ import redis.asyncio as aioredis
 from router.budget_store import BudgetStore, FlexBudget, Usage, price_units, tag, usd
 
 T0 = int(dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC).timestamp() * 1000)
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(redis_url)
-    yield r
-    await r.aclose()
 
 
 def tenant() -> str:

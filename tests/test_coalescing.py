@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,15 +12,6 @@ import redis.asyncio as aioredis
 from router.affinity_store import AffinityStore
 from router.prefix_hash import prefix_hashes
 from tests.test_affinity import SEED, ids
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[AffinityStore]:
-    r = aioredis.Redis.from_url(redis_url)
-    try:
-        yield AffinityStore(r, timeout_s=1.0)
-    finally:
-        await r.aclose()
 
 
 async def test_a_concurrent_claim_of_the_same_new_prefix_names_the_first_claimer(store: AffinityStore) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 import zmq
 
 from backends.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, dp_endpoint
@@ -80,15 +79,6 @@ class VllmPublisher:
         body = publish(self.s, events, rank=self.rank) if payload is None else payload
         self.sock.send_multipart([b"kv-events", self.seq.to_bytes(8, "big"), body])
         self.seq += 1
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[AffinityStore]:
-    r = aioredis.Redis.from_url(redis_url)
-    try:
-        yield AffinityStore(r, timeout_s=1.0)
-    finally:
-        await r.aclose()
 
 
 async def until(cond: Callable[[], Any], poke: Callable[[], None] | None = None) -> None:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 
 from router.affinity_store import AffinityStore
@@ -33,13 +32,6 @@ class Clock:
         return self.ms
 
 
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(redis_url)
-    yield r
-    await r.aclose()
-
-
 def make_budget(kind: str, r: aioredis.Redis, clock: Callable[[], int], keep_s: float = 7 * 86400) -> BudgetLedger:
     return BudgetStore(r, clock_ms=clock, keep_s=keep_s) if kind == "redis" else \
         MemoryBudgetStore(clock_ms=clock, keep_s=keep_s)
@@ -47,11 +39,6 @@ def make_budget(kind: str, r: aioredis.Redis, clock: Callable[[], int], keep_s: 
 
 def make_affinity(kind: str, r: aioredis.Redis, clock: Callable[[], int]) -> AffinityIndex:
     return AffinityStore(r, timeout_s=2.0, clock_ms=clock) if kind == "redis" else MemoryAffinityStore(clock)
-
-
-@pytest.fixture(params=["memory", "redis"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def usage(cost: int, at_ms: int, prompt: int = 100, completion: int = 10, tier: str = "fast") -> Usage:

@@ -5,33 +5,13 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from router.admission.window_store import Grant, WindowStore
 from router.replay.window_twin import MemoryWindowStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.ms = 1_700_000_000_000
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(redis_url)
-    yield r
-    await r.aclose()
-
-
-@pytest.fixture(params=["memory", "redis"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+from tests.test_store_contract import Clock
 
 
 def make(kind: str, r: aioredis.Redis, clock: Clock) -> WindowStore | MemoryWindowStore:
