@@ -29,7 +29,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from affinity import Procs  # noqa: E402
+from affinity import Procs, pct  # noqa: E402
 
 from backends.health import wait_http_ok  # noqa: E402
 from backends.valkey import EmbeddedValkey, free_port  # noqa: E402
@@ -102,11 +102,6 @@ async def burst(s: aiohttp.ClientSession, routers: list[str], doc: str, n: int) 
     return [g[0] for g in got], {g[1] for g in got}
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
-
-
 async def measure(routers: list[str], sims: list[str], bursts: int, n: int) -> dict[str, object]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
         before = await computed(s, sims)
@@ -117,7 +112,7 @@ async def measure(routers: list[str], sims: list[str], bursts: int, n: int) -> d
             ttfts += t
             spread.append(len(insts))
         after = await computed(s, sims)
-    return {"prefill_tokens": after - before, "ttft_p50_ms": pct(ttfts, 0.5), "ttft_p99_ms": pct(ttfts, 0.99),
+    return {"prefill_tokens": after - before, "ttft_p50_ms": pct(ttfts, 50), "ttft_p99_ms": pct(ttfts, 99),
             "instances_per_burst": spread}
 
 
