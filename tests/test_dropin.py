@@ -203,6 +203,39 @@ async def test_no_budget_overshoot_64_concurrent_through_2_replicas(redis_url: s
         await sim.close()
 
 
+async def test_stream_without_max_tokens_stops_at_the_forwarded_cap_with_length(redis_url: str) -> None:
+    """A stream with no max_tokens that would run to the end of the context (ignore_eos) stops at the
+    tenant's completion budget, which the router forwarded: its last choice says finish_reason "length",
+    its usage chunk counts exactly the cap, and the ledger bills exactly that."""
+    tag = uuid.uuid4().hex[:6]
+    cap = 48
+    sim = await start_sim("qwen3-1.7b-fp8", time_scale=0.05)
+    tenants = {"capped": f", budgets: {{daily_usd: 5.0}}, completion_tokens: {cap}"}
+    pol = parse_policy(policy_text(tag, [sim.url], tenants), "t.yaml")
+    try:
+        async with serve_router(pol, redis_url=redis_url) as base, httpx.AsyncClient(timeout=60) as c, \
+                openai.AsyncOpenAI(base_url=base + "/v1", api_key=f"sk-capped-{tag}", max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model="chat", messages=MSGS, stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True})
+            finish, usage, text = None, None, ""
+            async for part in stream:
+                if part.choices:
+                    text += part.choices[0].delta.content or ""
+                    finish = part.choices[0].finish_reason or finish
+                if part.usage is not None:
+                    usage = part.usage
+            assert text and finish == "length"
+            assert usage is not None and usage.completion_tokens == cap
+
+            async def settled() -> bool:
+                return bool((await ledger(c, base, f"capped-{tag}"))["requests"] == 1)
+            await wait_for(settled)
+            assert (await ledger(c, base, f"capped-{tag}"))["completion_tokens"] == cap
+    finally:
+        await sim.close()
+
+
 async def test_rate_limit_headers_and_429_dialect(redis_url: str) -> None:
     tag = uuid.uuid4().hex[:6]
     sim = await start_sim("qwen3-1.7b-fp8", time_scale=0.05)
