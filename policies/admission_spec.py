@@ -8,6 +8,10 @@
       kv_high: 0.9           # KV-cache use above which an instance's rate shrinks, linearly to 10% at full
       max_queued: 1024       # requests waiting for a window, per tier and replica (beyond: shed)
       coalesce: true         # claim a new prefix at decision time (concurrent requests follow it)
+      batch_max_wait_ms: 100 # the longest a batchable class's gathering window stays open
+      batch_size: 8          # a gathering window closes at once when it holds this many requests
+      batch_kv: 0.8          # a gathered batch goes to its instance once its KV-cache use is below this
+                             # and nothing waits in its engine (router/admission/gather.py)
 
 Per SLO class: `priority` (higher first), `batchable` (held while any other class waits), `max_queue_ms`
 (the longest a request of the class waits for a window before it is sent anyway; default half its
@@ -32,6 +36,9 @@ class AdmissionSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     kv_high: float = 0.9
     max_queued: int = 1024
     coalesce: bool = True
+    batch_max_wait_ms: float = 100.0
+    batch_size: int = 8
+    batch_kv: float = 0.8
 
 
 def admission_errors(policy: Policy) -> list[tuple[str, str]]:
@@ -42,6 +49,12 @@ def admission_errors(policy: Policy) -> list[tuple[str, str]]:
         errs.append(("$.admission.kv_high", "must be between 0 and 1"))
     if a.max_queued < 1:
         errs.append(("$.admission.max_queued", "must be >= 1"))
+    if not 0 <= a.batch_max_wait_ms <= 60_000:
+        errs.append(("$.admission.batch_max_wait_ms", "must be between 0 and 60000"))
+    if not 1 <= a.batch_size <= 4096:
+        errs.append(("$.admission.batch_size", "must be between 1 and 4096"))
+    if not 0 < a.batch_kv <= 1:
+        errs.append(("$.admission.batch_kv", "must be in (0, 1]"))
     for name, cls in policy.slo_classes.items():
         if cls.max_queue_ms is not None and not 0 <= cls.max_queue_ms < float("inf"):
             errs.append((f"$.slo_classes.{name}.max_queue_ms", "must be >= 0"))

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -35,10 +36,21 @@ from router.logs import get_logger
 from router.metrics import RouterMetrics
 
 
-def cost_units(tier: TierSpec, prompt: int, cached: int, completion: int) -> int:
+def cost_units(tier: TierSpec, prompt: int, cached: int, completion: int, factor: float = 1.0) -> int:
+    """The cost of the tokens at the tier's prices, times the SLO class's `price_factor` (a batch discount):
+    the prompt's cost discounted and rounded up, plus the completion tokens at the discounted output price
+    per token (rounded up), so a reservation made with the same formula covers what is billed exactly
+    as the undiscounted one does (the budget's flex reservation prices completion tokens one by one)."""
     p = tier.prices
-    return (max(prompt - cached, 0) * price_units(p.input) + cached * price_units(p.cached_input)
-            + completion * price_units(p.output))
+    prompt_units = max(prompt - cached, 0) * price_units(p.input) + cached * price_units(p.cached_input)
+    if factor == 1.0:
+        return prompt_units + completion * price_units(p.output)
+    return discounted(prompt_units, factor) + completion * discounted(price_units(p.output), factor)
+
+
+def discounted(units: int, factor: float) -> int:
+    """`units` x `factor`, rounded up (a float product a hair above a whole number stays that number)."""
+    return units if factor == 1.0 else max(0, math.ceil(units * factor - 1e-6))
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ def test_miss_cost_moves_a_request_off_a_cheap_but_likely_late_tier(miss_cost: f
 
 # --- the policy file and the router -------------------------------------------------------------------------
 def test_miss_cost_must_not_be_negative() -> None:
-    text = DEMO_TEXT.replace("priority: 1, miss_cost_usd: 0.002}", "priority: 1, miss_cost_usd: -1}")
+    text = DEMO_TEXT.replace("priority: 2, miss_cost_usd: 0.002}", "priority: 2, miss_cost_usd: -1}")
     with pytest.raises(PolicyError) as info:
         parse_policy(text, "demo.yaml")
     assert info.value.path == "$.slo_classes.interactive.miss_cost_usd"

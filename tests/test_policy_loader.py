@@ -39,7 +39,7 @@ def refused(text: str) -> PolicyError:
 
 def test_demo_and_deploy_policies_load() -> None:
     demo = load_policy(DEMO)
-    assert "capped" in demo.tenants and demo.slo_classes["relaxed"].batchable is True
+    assert "capped" in demo.tenants and demo.slo_classes["batch"].batchable is True and not demo.slo_classes["relaxed"].batchable
     deploy = load_policy(ROOT / "deploy" / "policy.compose.yaml")
     assert deploy.tiers and all(t.instances for t in deploy.tiers.values())
 
@@ -117,8 +117,8 @@ def test_yaml11_booleans_are_refused_with_a_hint(word: str) -> None:
     text = edited("batchable: true", f"batchable: {word}")
     err = refused(text)
     line = line_of(text, f"batchable: {word}")
-    assert err.path == "$.slo_classes.relaxed.batchable" and err.line == line
-    assert f"policy.yaml:{line}: $.slo_classes.relaxed.batchable: {word!r} is not a boolean" in str(err)
+    assert err.path == "$.slo_classes.batch.batchable" and err.line == line
+    assert f"policy.yaml:{line}: $.slo_classes.batch.batchable: {word!r} is not a boolean" in str(err)
     assert "write true or false" in str(err) and f'quote it ("{word}")' in str(err)
 
 
@@ -135,7 +135,7 @@ def test_yaml11_boolean_word_in_a_string_field(word: str) -> None:
                                              ("False", False), ("FALSE", False)])
 def test_yaml12_booleans_load(word: str, value: bool) -> None:
     policy = parse_policy(edited("batchable: true", f"batchable: {word}"), "p.yaml")
-    assert policy.slo_classes["relaxed"].batchable is value
+    assert policy.slo_classes["batch"].batchable is value
 
 
 def test_quoted_words_and_y_n_stay_strings() -> None:
@@ -244,10 +244,11 @@ def test_empty_and_comment_only_files_are_refused() -> None:
     ("\naccounting:\n", "\nadmission: {kv_high: 1.5}\naccounting:\n", "$.admission.kv_high"),
     ("\naccounting:\n", "\nadmission: {max_queued: 0}\naccounting:\n", "$.admission.max_queued"),
     ("\naccounting:\n", "\nadmission: {windows: true, windoe_ms: 20}\naccounting:\n", "$.admission.windoe_ms"),
-    ("priority: 0, batchable: true,", "priority: 0, batchable: true, price_factor: 0,",
-     "$.slo_classes.relaxed.price_factor"),
-    ("priority: 0, batchable: true,", "priority: 0, batchable: true, max_queue_ms: -1,",
-     "$.slo_classes.relaxed.max_queue_ms"),
+    ("price_factor: 0.5,", "price_factor: 0,", "$.slo_classes.batch.price_factor"),
+    ("max_queue_ms: 30000}", "max_queue_ms: -1}", "$.slo_classes.batch.max_queue_ms"),
+    ("\naccounting:\n", "\nadmission: {batch_size: 0}\naccounting:\n", "$.admission.batch_size"),
+    ("\naccounting:\n", "\nadmission: {batch_kv: 0}\naccounting:\n", "$.admission.batch_kv"),
+    ("\naccounting:\n", "\nadmission: {batch_max_wait_ms: -1}\naccounting:\n", "$.admission.batch_max_wait_ms"),
     (FAST_ONLY, FAST_ONLY + "    weight: 0\n", "$.tenants.fast-only.weight"),
 ])
 def test_admission_fields_are_validated_with_path_and_line(old: str, new: str, path: str) -> None:

@@ -19,6 +19,10 @@ Algorithm, per request (after the decision and the budget admission):
             dispatched as last decided (`bypass`): a window never costs a request its SLO by itself.
   shed      a full queue sheds its lowest-class, last-in-fair-order request (429 if it is the newcomer's
             own class that overflowed, else 503; Retry-After either way).
+  batch     a `batchable` class's request is not windowed on arrival: it is gathered with the requests
+            that share its prefix (router/admission/gather.py), and the closed group waits in the queue as
+            one batch entry, released whole to one instance once that instance is under `batch_kv` and
+            nothing else waits (the queue never releases batch while another class waits).
 Window size, per instance, from what the router sees of it:
     rate   = the tier's prefill rate (tokens/s, learned or seeded) x kv, kv = 1 up to `kv_high` KV-cache
              use, then falling linearly to 0.1 at a full cache (fewer new prefills where preemption looms);
@@ -39,6 +43,7 @@ import msgspec
 
 from policies.admission_spec import AdmissionSpec
 from policies.types import Candidate, RoutingDecision
+from router.admission.gather import Gatherer, Group, group_key
 from router.admission.queue import AdmissionQueue, Waiting
 from router.admission.window_store import Grant
 from router.lifecycle.core import Lifecycle, Pending
@@ -65,6 +70,11 @@ class Ticket:
     waiting: Waiting[Ticket] | None = None
     outcome: str = ""                 # released | bypassed | shed | left
     shed_status: int = 503
+    members: list[Ticket] = field(default_factory=list)   # a gathered batch: the requests it stands for
+    parent: Ticket | None = None      # a batch member: its group's ticket, once the group is queued
+    priority: int = 0                 # its class's
+    weight: float = 1.0               # its tenant's share
+    tenant: str = ""
 
 
 @dataclass
@@ -77,6 +87,12 @@ class Gate:
     queues: dict[str, AdmissionQueue[Ticket]] = field(default_factory=dict)
     closed: dict[str, float] = field(default_factory=dict)   # "tier/instance" -> opens at (driver clock)
     retry_at: dict[str, float] = field(default_factory=dict)  # tier -> no walk before (nothing to bind to)
+    gather: Gatherer[Ticket] = field(default_factory=Gatherer)
+    dirty: set[str] = field(default_factory=set)              # tiers a batch was queued into since their walk
+
+    def tiers(self) -> set[str]:
+        """Tiers with requests waiting: queued, or gathering into a batch."""
+        return {t for t, q in self.queues.items() if len(q)} | self.gather.tiers()
 
     def sizing(self, c: Candidate) -> tuple[float, float] | None:
         """(rate tokens/s, burst tokens) of the candidate's window; None: no window (rate unknown)."""
@@ -160,9 +176,41 @@ class Gate:
 
         t = Ticket(p.rid, d.chosen.tier, 0, now, now + max_q, lambda adj: core.evaluate(p, adj, tiers), d,
                    cost_of=cost_of, slo_class=p.rreq.slo_class)
-        go = await self.enter(t, now, cls.priority if cls else 0, pol.tenants[p.tenant].weight,
-                              bool(cls and cls.batchable), p.tenant)
+        priority, weight = cls.priority if cls else 0, pol.tenants[p.tenant].weight
+        if cls is not None and cls.batchable:
+            ph = p.hashes.get(d.chosen.tier)
+            self.gather_batch(t, group_key(ph.hashes if ph is not None else []), now, priority, weight, p.tenant)
+            return t, False
+        go = await self.enter(t, now, priority, weight, False, p.tenant)
         return t, go
+
+    def gather_batch(self, t: Ticket, key: bytes, now: float, priority: int, weight: float, tenant: str) -> None:
+        """A batch request joins its prefix's gathering group (router/admission/gather.py); a group that
+        closes now is queued."""
+        chosen = t.decision.chosen
+        assert chosen is not None
+        t.tier, t.cost = chosen.tier, t.cost_of(chosen)
+        a = self.spec
+        g = self.gather
+        g.batch_size, g.max_wait_s, g.min_wait_s = a.batch_size, a.batch_max_wait_ms / 1000, a.min_window_ms / 1000
+        t.priority, t.weight, t.tenant = priority, weight, tenant
+        closed = g.add(t, t.tier, key, now)
+        if closed is not None:
+            self._queue_group(closed, now)
+
+    def _queue_group(self, g: Group[Ticket], now: float) -> None:
+        """A closed gathering group enters its tier's queue as one batch entry (its first member's decision,
+        the members' summed prefill cost on a candidate)."""
+        lead = g.members[0]
+        members = list(g.members)
+        gt = Ticket("batch:" + lead.rid, lead.tier, sum(m.cost for m in members), now, lead.deadline,
+                    lead.redecide, lead.decision, cost_of=lambda c: sum(m.cost_of(c) for m in members),
+                    slo_class=lead.slo_class, members=members)
+        for m in members:
+            m.parent = gt
+        self.dirty.add(gt.tier)          # not tried yet: walk the queue at once
+        self._push(gt, Waiting(gt, lead.tenant, lead.priority, max(gt.cost, 1), lead.weight, True, now),
+                   lead.priority, True)
 
     async def enter(self, t: Ticket, now: float, priority: int, weight: float, batch: bool, tenant: str) -> bool:
         """True: go now (`t.decision` is what to send). False: `t` waits (or was shed: `t.outcome`)."""
@@ -180,37 +228,62 @@ class Gate:
         last = t.decision.chosen
         assert last is not None
         t.tier, t.cost = last.tier, cost_of(last)
-        q = self.queues.setdefault(t.tier, AdmissionQueue(self.spec.max_queued))
-        t.waiting = Waiting(t, tenant, priority, max(t.cost, 1), weight, batch, now)
-        shed = q.push(t.waiting)
-        if shed is not None:
-            victim = shed.payload
-            victim.outcome = "shed"
-            victim.shed_status = 429 if shed.priority == priority and shed.batch == batch else 503
-            self.on_event("shed", t.tier, 1.0)
-            if victim is not t:
-                self.notify(victim)
+        self._push(t, Waiting(t, tenant, priority, max(t.cost, 1), weight, batch, now), priority, batch)
         return False
+
+    def _push(self, t: Ticket, w: Waiting[Ticket], priority: int, batch: bool) -> None:
+        """Queue `t`; the queue's victim, if full, is shed (a gathered batch: each of its members)."""
+        q = self.queues.setdefault(t.tier, AdmissionQueue(self.spec.max_queued))
+        t.waiting = w
+        shed = q.push(w)
+        if shed is None:
+            return
+        victim = shed.payload
+        status = 429 if shed.priority == priority and shed.batch == batch else 503
+        self.on_event("shed", t.tier, 1.0)
+        for v in victim.members or [victim]:
+            v.outcome, v.shed_status = "shed", status
+            if v is not t:
+                self.notify(v)
+        victim.outcome, victim.shed_status = "shed", status
 
     def leave(self, t: Ticket, outcome: str) -> None:
         """`t` stops waiting: its deadline passed (bypassed) or its client went away (left)."""
-        if t.waiting is not None and t.outcome == "":
+        if t.outcome != "":
+            return
+        if self.gather.remove(t):
+            t.outcome = outcome
+            return
+        g = t.parent
+        if g is not None:               # a member of a queued batch: the batch goes on without it
+            g.members = [m for m in g.members if m is not t]
+            t.outcome, t.parent = outcome, None
+            if not g.members and g.waiting is not None:
+                self.queues[g.tier].remove(g.waiting)
+                g.outcome = outcome
+            return
+        if t.waiting is not None:
             self.queues[t.tier].remove(t.waiting)
             t.outcome = outcome
 
     def next_wake(self, tier: str, now: float) -> float | None:
         """When the tier's queue should be walked again: its earliest closed window's opening (now, if one
         has opened since), else after the shortest window."""
+        closes = self.gather.next_close(tier)
         q = self.queues.get(tier)
         if q is None or not len(q):
-            return None
+            return closes
         prefix = f"{tier}/"
         opens = [t for k, t in self.closed.items() if k.startswith(prefix)]
-        at = min(opens) if opens else now + self.spec.min_window_ms / 1000.0
-        return max(at, self.retry_at.get(tier, at))
+        at = now if tier in self.dirty else min(opens) if opens else now + self.spec.min_window_ms / 1000.0
+        at = max(at, self.retry_at.get(tier, at))
+        return at if closes is None else min(at, closes)
 
     async def release(self, tier: str, now: float) -> list[Ticket]:
         """Walk the tier's queue (module doc): the tickets released now, their decisions updated."""
+        for g in self.gather.due(tier, now):
+            self._queue_group(g, now)
+        self.dirty.discard(tier)
         q = self.queues.get(tier)
         out: list[Ticket] = []
         prefix = f"{tier}/"
@@ -218,9 +291,11 @@ class Gate:
             del self.closed[k]           # open again: only windows still closed set the next wake
         while q is not None and len(q):
             w = q.peek()
-            assert w is not None
+            if w is None:
+                break                    # only batch waits, behind another class
             t = w.payload
-            again = t.redecide(self.adjust(now))
+            adj = self.adjust(now)
+            again = t.redecide(adj)
             if again is not None:
                 again = self.prefer_open(again, now)
             if again is None or again.chosen is None or not self.is_open(again.chosen.key, now):
@@ -228,9 +303,31 @@ class Gate:
                     self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
             c = again.chosen
+            if t.members and not self._under_threshold(c):
+                self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
+                break
             if not (await self.take(c, t.cost_of(c), now)).ok:
                 break
             q.release(w)
             t.decision, t.outcome = again, "released"
-            out.append(t)
+            out.extend(self._pinned(t, c, adj) if t.members else [t])
         return out
+
+    def _under_threshold(self, c: Candidate) -> bool:
+        """A gathered batch goes to `c` only while `c` is under the utilization threshold (module doc)."""
+        return c.kv_usage < self.spec.batch_kv and c.waiting <= 0
+
+    @staticmethod
+    def _pinned(g: Ticket, c: Candidate, adj: Callable[[list[Candidate]], list[Candidate]]) -> list[Ticket]:
+        """A released batch's members, each decided again among `c` alone (the group's instance; its own
+        choice where `c` can't serve it, e.g. its context does not fit)."""
+        def only(cands: list[Candidate]) -> list[Candidate]:
+            return [x for x in adj(cands) if x.key == c.key]
+        for m in g.members:
+            d = m.redecide(only)
+            if d is None or d.chosen is None:
+                d = m.redecide(adj)
+            if d is not None and d.chosen is not None:
+                m.decision = d
+            m.outcome, m.parent = "released", None
+        return list(g.members)

@@ -106,7 +106,7 @@ class LiveGate:
         """Walk each queue at its windows' openings, until cancelled (the lifespan owns this task)."""
         while True:
             now = self.clock()
-            wakes = [(w, tier) for tier in list(self.gate.queues) if (w := self.gate.next_wake(tier, now)) is not None]
+            wakes = [(w, tier) for tier in self.gate.tiers() if (w := self.gate.next_wake(tier, now)) is not None]
             due = [tier for w, tier in wakes if w <= now]
             if not due:
                 self.kick.clear()

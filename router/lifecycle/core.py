@@ -37,7 +37,7 @@ from backends.registry import Ewma, InstanceState, Registry
 from policies.predict import queued_requests
 from policies.schema import Policy, TenantSpec
 from policies.types import Candidate, RoutingDecision, RoutingRequest
-from router.accounting import Accountant, Admitted, cost_units
+from router.accounting import Accountant, Admitted, cost_units, discounted
 from router.budget_store import FlexBudget, Usage, price_units, usd
 from router.errors import ApiError
 from router.lifecycle.ports import Clock, View
@@ -216,11 +216,13 @@ class Lifecycle:
         cap = budget if limit is None and (limited or default is not None) else None
         if self.accountant is None:
             return cap, Admitted()
-        reserve = max(cost_units(pol.tiers[t], counts[t], 0, budget) for t in tried)
+        f = cls.price_factor if cls is not None else 1.0
+        reserve = max(cost_units(pol.tiers[t], counts[t], 0, budget, f) for t in tried)
         flex = None
         if cap is not None:
-            flex = FlexBudget(prompt_units=max(cost_units(pol.tiers[t], counts[t], 0, 0) for t in tried),
-                              units_per_token=max(price_units(pol.tiers[t].prices.output) for t in tried),
+            flex = FlexBudget(prompt_units=max(cost_units(pol.tiers[t], counts[t], 0, 0, f) for t in tried),
+                              units_per_token=max(discounted(price_units(pol.tiers[t].prices.output), f)
+                                                  for t in tried),
                               wanted=budget, least=min(MIN_FLEX_TOKENS, budget))
         admitted = await self.accountant.admit(p.tenant, p.aid, max(counts[t] for t in tried) + budget, reserve,
                                                pol, flex)
@@ -318,7 +320,9 @@ class Lifecycle:
         else:  # no usage from the backend (stream cut): bill what we counted
             prompt = p.counts.get(tier, 0) if out.first_byte_at is not None else 0
             completion, cached = out.streamed_chunks, 0
-        units = cost_units(v.policy.tiers[out.tier], prompt, cached, completion) if out.tier is not None else 0
+        cls = v.policy.slo_classes.get(p.rreq.slo_class)
+        f = cls.price_factor if cls is not None else 1.0       # the class's discount (a batch class)
+        units = cost_units(v.policy.tiers[out.tier], prompt, cached, completion, f) if out.tier is not None else 0
         if out.tier is not None and usage is not None and out.first_byte_at is not None:
             first_token = out.first_token_at if out.first_token_at is not None else out.first_byte_at
             self.learn(out.tier, prompt - cached, first_token - t0 - p.overhead, out.backlog_at_dispatch)
@@ -337,8 +341,8 @@ class Lifecycle:
         record = Usage(
             tier=tier, instance=out.instance or "", route=p.route, status=out.status, prompt=prompt, cached=cached,
             completion=completion, cost=units,
-            base=cost_units(v.policy.tiers[v.baseline], prompt, cached, completion) if units else 0,
-            nocache=cost_units(v.policy.tiers[out.tier], prompt, 0, completion) if out.tier else 0,
+            base=cost_units(v.policy.tiers[v.baseline], prompt, cached, completion, f) if units else 0,
+            nocache=cost_units(v.policy.tiers[out.tier], prompt, 0, completion, f) if out.tier else 0,
             latency_ms=(now - t0) * 1000, ttft_ms=None if first is None else (first - t0) * 1000, slo_met=slo_met,
             at_ms=p.wall_ms or self.wall_ms(), source="backend" if usage is not None else "counted")
         if self.accountant is not None and p.aid:
