@@ -11,6 +11,7 @@ import os
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +27,8 @@ FAST = "Qwen/Qwen3-1.7B-FP8"
 SLOW = 60.0
 
 
-def policy(tag: str, *, max_queued: int = 1024, rate: int = 3000, windows: bool = True) -> Policy:
+def policy(tag: str, *, max_queued: int = 1024, rate: int = 3000, windows: bool = True, instances: int = 1,
+           batch_kv: float = 0.8) -> Policy:
     return parse_policy(f"""
 version: 1
 tiers:
@@ -39,9 +41,12 @@ tiers:
 slo_classes:
   interactive: {{ttft_ms: 20000, tpot_ms: 1000, priority: 1}}
   relaxed: {{ttft_ms: 60000, tpot_ms: 1000, priority: 0}}
+  batch: {{ttft_ms: 60000, tpot_ms: 1000, priority: -1, batchable: true, price_factor: 0.5}}
 tenants:
   a: {{key_sha256: [{hash_key('sk-a-' + tag)}], default_slo: interactive}}
-admission: {{windows: {str(windows).lower()}, window_ms: 50, max_queued: {max_queued}}}
+  b: {{key_sha256: [{hash_key('sk-b-' + tag)}], default_slo: interactive}}
+admission: {{windows: {str(windows).lower()}, window_ms: 50, max_queued: {max_queued}, batch_kv: {batch_kv},
+             batch_max_wait_ms: 300}}
 routes:
   chat: {{tiers: [fast], profile: p}}
 profiles:
@@ -138,6 +143,75 @@ async def test_a_full_queue_sheds_with_openai_errors_and_a_queued_client_that_le
         assert metric(m, "tiergate_queue_wait_seconds_count", outcome="left") == 1
         assert metric(m, "tiergate_queue_depth", tier="fast") == 0
         assert 3000 <= after - before < 3300                  # the second document only
+
+
+async def test_a_tenant_flooding_its_class_does_not_hold_back_another_tenants_request(redis_url: str) -> None:
+    """Weighted fair queueing within a class: tenant a queues 6 requests behind a document, then tenant b
+    queues one; b's request is released right after a's first (its finish tag is one request's cost past
+    the virtual time), not behind a's whole backlog."""
+    tag = uuid.uuid4().hex[:8]
+    async with running_sim("qwen3-1.7b-fp8", time_scale=SLOW) as sim, \
+            serve_router(policy(tag), {"fast": [(f"f-{tag}", sim.url)]}, redis_url=redis_url) as url, \
+            httpx.AsyncClient(base_url=url, timeout=60) as c:
+        done: list[str] = []
+
+        async def ask(tenant: str, name: str, n: int) -> None:
+            r = await c.post("/v1/chat/completions", json=body(n),
+                             headers={"authorization": f"Bearer sk-{tenant}-{tag}"})
+            assert r.status_code == 200, r.text
+            done.append(name)
+
+        first = asyncio.create_task(ask("a", "doc", 3000))       # ~1 s of window debt
+        await asyncio.sleep(0.2)
+        flood = []
+        for k in range(6):
+            flood.append(asyncio.create_task(ask("a", f"a{k}", 300)))
+            await asyncio.sleep(0.02)
+        other = asyncio.create_task(ask("b", "b", 300))
+        await asyncio.gather(first, other, *flood)
+        assert done[0] == "doc" and "b" in done[1:3], done
+
+
+async def test_a_gathered_batch_goes_to_one_instance_and_is_billed_at_its_price_factor(redis_url: str) -> None:
+    """Six batch-class requests sharing a document, over two instances, arrive within the gathering window:
+    all six are served by one instance, and each is billed at half the tier's prices."""
+    tag = uuid.uuid4().hex[:8]
+    doc = uuid.uuid4().hex + " " + " ".join(["paragraph"] * 300)
+    async with running_sim("qwen3-1.7b-fp8", time_scale=2.0) as s0, \
+            running_sim("qwen3-1.7b-fp8", time_scale=2.0) as s1, \
+            serve_router(policy(tag, batch_kv=1.0), {"fast": [(f"f0-{tag}", s0.url), (f"f1-{tag}", s1.url)]},
+                         redis_url=redis_url) as url, \
+            httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer sk-a-{tag}"}, timeout=60) as c:
+        async def ask(k: int, cls: str) -> httpx.Response:
+            msgs = [{"role": "system", "content": doc}, {"role": "user", "content": f"question {k} " + "why " * 20}]
+            return await c.post("/v1/chat/completions", headers={"x-tiergate-slo-class": cls},
+                                json={"model": "chat", "max_tokens": 4, "messages": msgs})
+        async def totals() -> dict[str, float]:       # tenant a's ledger (other tests bill an "a" too)
+            return dict((await c.get("/v1/usage", params={"days": 1})).json()["totals"])
+        before = await totals()
+        replies = await asyncio.gather(*(ask(k, "batch") for k in range(6)))
+        assert [r.status_code for r in replies] == [200] * 6
+        assert len({r.headers["x-tiergate-instance"] for r in replies}) == 1
+        full = await ask(99, "interactive")                      # the same shape at full price
+        assert full.status_code == 200
+        m = (await c.get("/metrics")).text
+        assert metric(m, "tiergate_queue_wait_seconds_count", tier="fast", outcome="released") >= 6
+        want = sum(usd(r.json()["usage"], 0.5) for r in replies) + usd(full.json()["usage"], 1.0)
+        after = await totals()
+        for _ in range(100):                                     # settlement is off the request path
+            if after["requests"] - before["requests"] >= 7:
+                break
+            await asyncio.sleep(0.05)
+            after = await totals()
+        assert after["requests"] - before["requests"] == 7
+        assert after["cost_usd"] - before["cost_usd"] == pytest.approx(want, abs=2e-9)   # 10 decimals each
+
+
+def usd(u: dict[str, Any], factor: float) -> float:
+    """The usage's cost at the test policy's fast prices, times the class's price factor."""
+    cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    prompt, out = int(u["prompt_tokens"]), int(u["completion_tokens"])
+    return factor * ((prompt - cached) * 0.05 + cached * 0.01 + out * 0.20) / 1e6
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGSTOP")

@@ -123,3 +123,22 @@ def test_price_factor_discounts_the_bill_and_a_reservation_at_the_factor_covers_
             reserve = cost_units(tier, prompt, 0, budget, factor)
             assert cost_units(tier, prompt, 0, completion, factor) <= reserve
             assert cost_units(tier, prompt, prompt // 2, completion, factor) <= reserve
+
+
+async def test_a_batch_costs_its_window_the_shared_prefix_once() -> None:
+    from router.prefix_hash import PrefixHashes
+    w = World([cand("fast", "0", kv_usage=0.95)], batch_size=3)
+
+    def ph(tail: int) -> PrefixHashes:      # 50 blocks of 16: the first 32 shared (512 tokens), then its own
+        hs = [bytes([1, k]) for k in range(32)] + [bytes([2, tail, k]) for k in range(18)]
+        return PrefixHashes(hs, list(range(50)), 16)
+    members = []
+    for k in range(3):
+        t = w.ticket(f"m{k}", 800, cls="relaxed")
+        t.prefix, t.cost_of = ph(k), lambda c: max(0, 800 - c.cached_tokens)
+        w.gate.gather_batch(t, DOC, w.now, -1, 1.0, "reports")
+        members.append(t)
+    group = members[0].parent
+    assert group is not None and group.members == members
+    assert group.cost == 800 + 2 * (800 - 512)
+    assert group.cost_of(cand("fast", "0", cached_tokens=640)) == 3 * (800 - 640)   # the cache covers more

@@ -47,6 +47,7 @@ from router.admission.gather import Gatherer, Group, group_key
 from router.admission.queue import AdmissionQueue, Waiting
 from router.admission.window_store import Grant
 from router.lifecycle.core import Lifecycle, Pending
+from router.prefix_hash import PrefixHashes
 from router.replay.window_twin import MemoryWindowStore
 
 DEFAULT_MAX_QUEUE_S = 0.5      # a class with neither max_queue_ms nor a TTFT target
@@ -72,6 +73,7 @@ class Ticket:
     shed_status: int = 503
     members: list[Ticket] = field(default_factory=list)   # a gathered batch: the requests it stands for
     parent: Ticket | None = None      # a batch member: its group's ticket, once the group is queued
+    prefix: PrefixHashes | None = None   # a batch request's sampled block hashes on its tier
     priority: int = 0                 # its class's
     weight: float = 1.0               # its tenant's share
     tenant: str = ""
@@ -178,7 +180,7 @@ class Gate:
                    cost_of=cost_of, slo_class=p.rreq.slo_class)
         priority, weight = cls.priority if cls else 0, pol.tenants[p.tenant].weight
         if cls is not None and cls.batchable:
-            ph = p.hashes.get(d.chosen.tier)
+            ph = t.prefix = p.hashes.get(d.chosen.tier)
             self.gather_batch(t, group_key(ph.hashes if ph is not None else []), now, priority, weight, p.tenant)
             return t, False
         go = await self.enter(t, now, priority, weight, False, p.tenant)
@@ -203,9 +205,15 @@ class Gate:
         the members' summed prefill cost on a candidate)."""
         lead = g.members[0]
         members = list(g.members)
-        gt = Ticket("batch:" + lead.rid, lead.tier, sum(m.cost for m in members), now, lead.deadline,
-                    lead.redecide, lead.decision, cost_of=lambda c: sum(m.cost_of(c) for m in members),
-                    slo_class=lead.slo_class, members=members)
+        shared = [(m, _shared_tokens(lead.prefix, m.prefix)) for m in members[1:]]
+
+        def cost_of(c: Candidate) -> int:
+            """The batch's prefill on `c`: the first member's, then each other's beyond what it shares with
+            the first (scheduled together on one instance, the shared blocks are prefilled once)."""
+            return lead.cost_of(c) + sum(max(0, m.cost_of(c) - max(0, s - c.cached_tokens)) for m, s in shared)
+        chosen = lead.decision.chosen
+        gt = Ticket("batch:" + lead.rid, lead.tier, cost_of(chosen) if chosen else lead.cost, now, lead.deadline,
+                    lead.redecide, lead.decision, cost_of=cost_of, slo_class=lead.slo_class, members=members)
         for m in members:
             m.parent = gt
         self.dirty.add(gt.tier)          # not tried yet: walk the queue at once
@@ -331,3 +339,16 @@ class Gate:
                 m.decision = d
             m.outcome, m.parent = "released", None
         return list(g.members)
+
+
+def _shared_tokens(a: PrefixHashes | None, b: PrefixHashes | None) -> int:
+    """Prompt tokens two requests share from the start, by their sampled block hashes (chained, so equal
+    hashes at one position mean equal prompts up to there)."""
+    if a is None or b is None or a.block_size != b.block_size:
+        return 0
+    n = 0
+    for x, y, px, py in zip(a.hashes, b.hashes, a.positions, b.positions, strict=False):
+        if x != y or px != py:
+            break
+        n += 1
+    return a.tokens_for(n)
