@@ -19,6 +19,7 @@ class World:
     def __init__(self, cands: list[Candidate], **spec: object) -> None:
         self.now = 0.0
         self.cands = cands
+        spec.setdefault("overdraw_windows", 0)     # no class overdraws unless a test says so
         self.gate = Gate(AdmissionSpec(windows=True, **spec), None,  # type: ignore[arg-type]
                          MemoryWindowStore(lambda: int(self.now * 1000)))
         self.shed: list[Ticket] = []
@@ -38,6 +39,7 @@ class World:
 
     async def enter(self, t: Ticket, cls: str = "interactive", tenant: str = "a") -> bool:
         prio = {"interactive": 1, "relaxed": 0}[cls]
+        self.gate.top = 1
         return await self.gate.enter(t, self.now, prio, 1.0, False, tenant)
 
 
@@ -104,3 +106,17 @@ async def test_leave_takes_a_waiting_request_out_and_an_unknown_rate_has_no_wind
     assert t.outcome == "left" and not len(w.gate.queues["fast"])
     free = World([cand("fast", "0", known=False)])
     assert all([await free.enter(free.ticket(f"r{k}", 20_000)) for k in range(5)])
+
+
+async def test_the_top_class_overdraws_a_window_the_classes_below_wait_for() -> None:
+    w = World([cand("fast", "0")], overdraw_windows=4)       # a burst of ~1,902 tokens: 4 windows of debt
+    assert await w.enter(w.ticket("r0", 4_000))               # ~2,100 tokens of debt
+    assert await w.enter(w.ticket("r1", 4_000))               # interactive: above -4 bursts, admitted
+    rel = w.ticket("rel", 500, cls="relaxed")
+    assert not await w.enter(rel, "relaxed")                  # relaxed needs a positive window
+    assert await w.enter(w.ticket("r2", 4_000))               # ~-6,100 is still above -7,608: admitted
+    late = w.ticket("r3", 500)
+    assert not await w.enter(late)                            # ~-10,100: past the overdraw
+    w.now = w.gate.next_wake("fast", w.now) or 0.0
+    out = await w.gate.release("fast", w.now)
+    assert out and out[0] is late and rel not in out          # the top class first, relaxed still waits

@@ -34,6 +34,12 @@ async def test_a_window_admits_while_positive_takes_the_whole_cost_and_refills(k
     clock.ms += 60_000
     assert (await w.take(t, "i", 0, rate, burst)) == Grant(True, 2_500.0, 0.0)   # refilled to the burst only
     assert (await w.take(t, "other", 1, rate, burst)) == Grant(True, 2_499.0, 0.0)   # windows are per instance
+    # floors: a class may overdraw to -2 bursts; a batch waits for a full window (floor burst - 1)
+    assert (await w.take(t, "f", 7_000, rate, burst)) == Grant(True, -4_500.0, 0.0)
+    assert not (await w.take(t, "f", 10, rate, burst)).ok                     # type: ignore[union-attr]
+    assert (await w.take(t, "f", 10, rate, burst, -5_000)) == Grant(True, -4_510.0, 0.0)
+    full = await w.take(t, "f", 10, rate, burst, 2_499)
+    assert full is not None and not full.ok and full.wait_s == 0.141          # (2,499 + 4,510) / 50 per ms, + 1 ms
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -47,7 +53,8 @@ async def test_twin_and_redis_answer_a_random_sequence_alike(seed: int, redis: a
         ca.ms += step
         cb.ms += step
         inst = rng.choice(["i0", "i1"])
-        args = (rng.choice([0, 5, 300, 4000, 60_000]), rng.choice([1_000, 72_600.5]), rng.choice([50, 3_630]))
+        args = (rng.choice([0, 5, 300, 4000, 60_000]), rng.choice([1_000, 72_600.5]), rng.choice([50, 3_630]),
+                rng.choice([0, 0, -200, -14_520, 3_629]))
         assert a.take_now(t, inst, *args) == await b.take(t, inst, *args)
 
 

@@ -19,6 +19,11 @@ Algorithm, per request (after the decision and the budget admission):
             dispatched as last decided (`bypass`): a window never costs a request its SLO by itself.
   shed      a full queue sheds its lowest-class, last-in-fair-order request (429 if it is the newcomer's
             own class that overflowed, else 503; Retry-After either way).
+  classes   a window admits a request while its bucket is above its class's floor: the policy's top
+            class (highest priority) may overdraw it by `overdraw_windows` bursts (the engine serves it
+            at once; the debt holds back the classes below), every other class needs a positive bucket,
+            and a gathered batch a full one (an idle window). So interactive requests wait only when
+            the instance is really overloaded, and documents and batch work yield to them.
   batch     a `batchable` class's request is not windowed on arrival: it is gathered with the requests
             that share its prefix (router/admission/gather.py), and the closed group waits in the queue as
             one batch entry, released whole to one instance once that instance is under `batch_kv` and
@@ -31,7 +36,7 @@ Window size, per instance, from what the router sees of it:
     burst  = rate x window.
   An instance whose prefill rate is unknown has no window (its requests go at once).
 Parameters: policies/admission_spec.py (`admission:` windows, window_ms, min_window_ms, kv_high,
-max_queued; per class max_queue_ms; per tenant weight).
+max_queued, overdraw_windows, batch_*; per class max_queue_ms; per tenant weight).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from router.prefix_hash import PrefixHashes
 from router.replay.window_twin import MemoryWindowStore
 
 DEFAULT_MAX_QUEUE_S = 0.5      # a class with neither max_queue_ms nor a TTFT target
-Take = Callable[[str, str, int, float, float], Awaitable[Grant | None]]
+Take = Callable[[str, str, int, float, float, float], Awaitable[Grant | None]]
 Redecide = Callable[[Callable[[list[Candidate]], list[Candidate]]], RoutingDecision | None]
 
 
@@ -72,6 +77,7 @@ class Ticket:
     outcome: str = ""                 # released | bypassed | shed | left
     shed_status: int = 503
     members: list[Ticket] = field(default_factory=list)   # a gathered batch: the requests it stands for
+    batch: bool = False               # a batchable class's (waits for a full window)
     parent: Ticket | None = None      # a batch member: its group's ticket, once the group is queued
     prefix: PrefixHashes | None = None   # a batch request's sampled block hashes on its tier
     priority: int = 0                 # its class's
@@ -91,6 +97,7 @@ class Gate:
     retry_at: dict[str, float] = field(default_factory=dict)  # tier -> no walk before (nothing to bind to)
     gather: Gatherer[Ticket] = field(default_factory=Gatherer)
     dirty: set[str] = field(default_factory=set)              # tiers a batch was queued into since their walk
+    top: int = 2 ** 31                # the policy's highest class priority (may overdraw its windows)
 
     def tiers(self) -> set[str]:
         """Tiers with requests waiting: queued, or gathering into a batch."""
@@ -108,22 +115,31 @@ class Gate:
         window_ms = s.window_ms if c.tpot_s <= 0 else min(s.window_ms, max(s.min_window_ms, 2000.0 * c.tpot_s))
         return rate, rate * window_ms / 1000.0
 
-    async def take(self, c: Candidate, cost: int, now: float) -> Grant:
-        """Ask the candidate's window for `cost` tokens (shared store; this replica's windows if it fails)."""
+    def level(self, t: Ticket) -> float:
+        """The window floor of `t`'s class, in windows (module doc): the top class may overdraw, batch
+        needs a full window, every other class a positive one."""
+        if t.members or t.batch:
+            return 1.0
+        return -self.spec.overdraw_windows if t.priority >= self.top else 0.0
+
+    async def take(self, c: Candidate, cost: int, now: float, level: float = 0.0) -> Grant:
+        """Ask the candidate's window for `cost` tokens while it is above `level` windows (shared store;
+        this replica's windows if it fails)."""
         sized = self.sizing(c)
         if sized is None:
             return Grant(True, 0.0, 0.0)
         rate, burst = sized
-        g = await self.take_shared(c.tier, c.instance_id, cost, rate, burst) if self.take_shared else None
+        floor = level * burst
+        g = await self.take_shared(c.tier, c.instance_id, cost, rate, burst, floor) if self.take_shared else None
         store = "shared"
         if g is None:
-            g = self.local.take_now(c.tier, c.instance_id, cost, rate, burst)
+            g = self.local.take_now(c.tier, c.instance_id, cost, rate, burst, floor)
             store = "local"
         if g.ok:
             self.closed.pop(c.key, None)
             self.on_event("window_tokens", f"{c.tier}|{store}", float(cost))
-        else:
-            self.closed[c.key] = now + g.wait_s
+        elif g.tokens <= 0:                  # closed to every class but one allowed to overdraw: until positive,
+            self.closed[c.key] = now + (round(-g.tokens * 1000) // max(1, int(rate)) + 1) / 1000   # as the store
         self.on_event("window_budget", c.key, burst)
         return g
 
@@ -169,6 +185,7 @@ class Gate:
         d = p.decision
         assert d is not None and d.chosen is not None
         pol, counts, tiers = p.view.policy, p.counts, p.reserved or None
+        self.top = max((x.priority for x in pol.slo_classes.values()), default=0)
         cls = pol.slo_classes.get(p.rreq.slo_class)
         max_q = (cls.max_queue_ms / 1000 if cls is not None and cls.max_queue_ms is not None else
                  p.rreq.ttft_target_s / 2 if p.rreq.ttft_target_s else DEFAULT_MAX_QUEUE_S)
@@ -225,13 +242,16 @@ class Gate:
         cost_of = t.cost_of
         chosen = t.decision.chosen
         assert chosen is not None
-        if (await self.take(chosen, cost_of(chosen), now)).ok:
+        t.priority, t.weight, t.tenant, t.batch = priority, weight, tenant, batch
+        level = self.level(t)
+        if (await self.take(chosen, cost_of(chosen), now, level)).ok:
             return True
         again = t.redecide(self.adjust(now))
         if again is not None and again.chosen is not None:
             t.decision = again = self.prefer_open(again, now)
             alt = again.chosen
-            if alt is not None and self.is_open(alt.key, now) and (await self.take(alt, cost_of(alt), now)).ok:
+            if alt is not None and (level < 0 or self.is_open(alt.key, now)) and \
+                    (await self.take(alt, cost_of(alt), now, level)).ok:
                 return True
         last = t.decision.chosen
         assert last is not None
@@ -306,7 +326,8 @@ class Gate:
             again = t.redecide(adj)
             if again is not None:
                 again = self.prefer_open(again, now)
-            if again is None or again.chosen is None or not self.is_open(again.chosen.key, now):
+            level = self.level(t)
+            if again is None or again.chosen is None or (level >= 0 and not self.is_open(again.chosen.key, now)):
                 if again is None or again.chosen is None:    # nothing to bind to now: look again shortly
                     self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
@@ -314,7 +335,9 @@ class Gate:
             if t.members and not self._under_threshold(c):
                 self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
-            if not (await self.take(c, t.cost_of(c), now)).ok:
+            if not (await self.take(c, t.cost_of(c), now, level)).ok:
+                if level > 0:                # a batch waits for a full window: look again shortly
+                    self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
             q.release(w)
             t.decision, t.outcome = again, "released"

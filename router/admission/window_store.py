@@ -2,7 +2,8 @@
 
 Algorithm: a token bucket per (tier, instance), in uncached prefill tokens. It refills at `rate` tokens
 per second up to `burst` (= rate x the window length: what the instance prefills in one window), and
-starts full. `take(cost)` admits a request when the bucket is positive, whatever its cost, and takes the
+starts full. `take(cost)` admits a request when the bucket is above its class's floor (0; below 0 for a
+class allowed to overdraw, near the burst for batch work: router/admission/gate.py), whatever its cost, and takes the
 whole cost, so the bucket may go negative: a 100K-token document is admitted as soon as the window has
 room (small requests can never starve it) and then holds the instance's windows for about its own
 prefill time (cost / rate), the time the engine is busy with it anyway; meanwhile the bucket refills,
@@ -28,7 +29,8 @@ import redis.asyncio as aioredis
 
 from router.affinity_store import _NOW
 
-# KEYS[1]: the window. ARGV: now ms ('' = Redis TIME), rate (tokens/s), burst (tokens), cost (tokens)
+# KEYS[1]: the window. ARGV: now ms ('' = Redis TIME), rate (tokens/s), burst (tokens), cost (tokens),
+# floor (tokens: admit while the bucket is above it; 0 by default, negative for a class allowed to overdraw)
 _TAKE = _NOW + """
 local now = now_ms(ARGV[1])
 local rate = tonumber(ARGV[2]); local burst_m = tonumber(ARGV[3]) * 1000; local cost_m = tonumber(ARGV[4]) * 1000
@@ -36,18 +38,20 @@ local v = redis.call('HMGET', KEYS[1], 'm', 'ts')
 local m = tonumber(v[1]) or burst_m
 local ts = tonumber(v[2]) or now
 if now > ts then
-  m = math.min(burst_m, m + (now - ts) * rate)
+  m = m + (now - ts) * rate
   ts = now
 end
+m = math.min(burst_m, m)   -- never above this window's burst (the window shrinks as the step time does)
+local floor_m = tonumber(ARGV[5] or '0') * 1000
 local ok = 0
-if m > 0 then
+if m > floor_m then
   m = m - cost_m
   ok = 1
 end
 redis.call('HSET', KEYS[1], 'm', string.format('%.0f', m), 'ts', string.format('%.0f', ts))
-redis.call('PEXPIRE', KEYS[1], math.floor((burst_m - m) / rate) + 1000)
+redis.call('PEXPIRE', KEYS[1], math.floor((burst_m - m) / rate) + 1000)   -- m <= burst_m: >= 1 s
 local wait_ms = 0
-if ok == 0 then wait_ms = math.floor(-m / rate) + 1 end
+if ok == 0 then wait_ms = math.floor((floor_m - m) / rate) + 1 end
 return {ok, string.format('%.0f', m), wait_ms}
 """
 
@@ -60,12 +64,14 @@ def window_key(tier: str, instance: str) -> str:
 class Grant:
     ok: bool            # admitted (the cost is taken)
     tokens: float       # the bucket after this call (negative: debt)
-    wait_s: float       # refused: seconds until the bucket is positive again
+    wait_s: float       # refused: seconds until the bucket is above the floor again
 
 
-def check(rate: float, burst: float, cost: int) -> tuple[int, int, int]:
-    """The integer arguments of a take (rate and burst at least 1 token, cost at least 0)."""
-    return max(1, int(rate)), max(1, int(burst)), max(0, int(cost))
+def check(rate: float, burst: float, cost: int, floor: float = 0) -> tuple[int, int, int, int]:
+    """The integer arguments of a take (rate and burst at least 1 token, cost at least 0, the floor below
+    the burst)."""
+    b = max(1, int(burst))
+    return max(1, int(rate)), b, max(0, int(cost)), min(int(floor), b - 1)
 
 
 class WindowStore:
@@ -75,14 +81,15 @@ class WindowStore:
         self.clock_ms = clock_ms      # None: Redis TIME
         self._take = redis.register_script(_TAKE)
 
-    async def take(self, tier: str, instance: str, cost: int, rate: float, burst: float) -> Grant | None:
-        """Admit `cost` prefill tokens on the instance's window, or say how long until it has room.
-        None: the store is unavailable (fail open to local windows)."""
-        r, b, c = check(rate, burst, cost)
+    async def take(self, tier: str, instance: str, cost: int, rate: float, burst: float,
+                   floor: float = 0) -> Grant | None:
+        """Admit `cost` prefill tokens on the instance's window while it is above `floor`, or say how long
+        until it is. None: the store is unavailable (fail open to local windows)."""
+        r, b, c, f = check(rate, burst, cost, floor)
         now = "" if self.clock_ms is None else str(self.clock_ms())
         try:
             async with asyncio.timeout(self.timeout_s):
-                ok, m, wait_ms = await self._take(keys=[window_key(tier, instance)], args=[now, r, b, c])
+                ok, m, wait_ms = await self._take(keys=[window_key(tier, instance)], args=[now, r, b, c, f])
         except Exception:
             return None
         return Grant(bool(int(ok)), int(m) / 1000, int(wait_ms) / 1000)

@@ -241,6 +241,7 @@ class Replay:
             res.busy_s[tier] = res.busy_s.get(tier, 0.0) + ve.busy_s
         if self.gate is not None:
             res.queue, res.queue_wait = dict(self.gate.outcomes), self.gate.waited
+            res.queue_wait_by_class = self.gate.waited_by_class
         for tenant, sums in self.budget.all_aggregates().items():
             res.tenants_units[tenant] = sum(v for k, v in sums.items() if k.endswith("|cost"))
         if self.progress is not None:
@@ -344,4 +345,4 @@ class Replay:
         if f.stream and first is not None and sim.n_output > 1:
             tpot = (t - first) / (sim.n_output - 1)
         self.results.serve(u, rq.slo_class or "none", rq.ttft_target_s, rq.tpot_target_s,
-                           None if first is None else first - f.p.t0, tpot)
+                           None if first is None else first - f.p.t0, tpot, f.p.tenant)

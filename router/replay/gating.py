@@ -30,6 +30,7 @@ class ReplayGate:
     wakes: dict[str, float] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
     waited: list[float] = field(default_factory=list)
+    waited_by_class: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.gate = Gate(self.policy.admission, None, MemoryWindowStore(self.wall_ms))
@@ -77,6 +78,7 @@ class ReplayGate:
         _, p, ctx = self.tickets.pop(t.rid)
         self.outcomes[t.outcome] = self.outcomes.get(t.outcome, 0) + 1
         self.waited.append(now - t.at)
+        self.waited_by_class.setdefault(t.slo_class or "none", []).append(now - t.at)
         p.decision = t.decision
         self.dispatch(p, ctx)
 

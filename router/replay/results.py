@@ -13,7 +13,8 @@ Summary per policy:
                       (tier_cache_hit); tenants: the bill per tenant (the budget ledger's sums);
   refused             requests the router refused, by status and code;
   queue               with `admission.windows`: requests that waited for a window, by how they left the
-                      queue (released, bypassed at max_queue_ms, shed), and their wait p50 / p99.
+                      queue (released, bypassed at max_queue_ms, shed), and their wait p50 / p99;
+  tenant_ttft_p99_s   with more than one tenant: TTFT p99 per tenant and class.
 Percentiles are nearest-rank over every served request of the class. Nothing here reads a clock.
 """
 
@@ -63,13 +64,15 @@ class Results:
     gpu: dict[str, tuple[int, float]] = field(default_factory=dict)   # tier -> (instances, usd per hour)
     queue: dict[str, int] | None = None      # admission windows on: requests by how they left the queue
     queue_wait: list[float] = field(default_factory=list)
+    queue_wait_by_class: dict[str, list[float]] = field(default_factory=dict)
+    tenant_ttft: dict[tuple[str, str], array[float]] = field(default_factory=dict)   # (tenant, class) -> TTFTs
 
     def refuse(self, status: int, code: str | None) -> None:
         key = f"{status} {code or ''}".strip()
         self.refused[key] = self.refused.get(key, 0) + 1
 
     def serve(self, u: Usage, slo_class: str, ttft_target: float | None, tpot_target: float | None,
-              ttft_s: float | None, tpot_s: float | None) -> None:
+              ttft_s: float | None, tpot_s: float | None, tenant: str = "") -> None:
         self.served += 1
         self.prompt += u.prompt
         self.cached += u.cached
@@ -86,6 +89,10 @@ class Results:
         c.n += 1
         if ttft_s is not None:
             c.ttft.append(ttft_s)
+            xs = self.tenant_ttft.get((tenant, slo_class))
+            if xs is None:
+                xs = self.tenant_ttft[(tenant, slo_class)] = array("d")
+            xs.append(ttft_s)
             if ttft_target is not None:
                 c.ttft_n += 1
                 c.ttft_met += ttft_s <= ttft_target
@@ -127,11 +134,26 @@ class Results:
             "tenants_usd": {t: round(self.tenants_units[t] / COST_SCALE, 8) for t in sorted(self.tenants_units)},
             "refused": {k: self.refused[k] for k in sorted(self.refused)},
             **({} if self.queue is None else {"queue": self._queue()}),
+            **({"tenant_ttft_p99_s": self._tenant_p99()} if len({t for t, _ in self.tenant_ttft}) > 1 else {}),
         }
+
+    def _tenant_p99(self) -> dict[str, dict[str, float | None]]:
+        """TTFT p99 per tenant and class (more than one tenant: how one tenant's load reaches another)."""
+        out: dict[str, dict[str, float | None]] = {}
+        for (tenant, cls), xs in sorted(self.tenant_ttft.items()):
+            p99 = pct(sorted(xs), 0.99)
+            out.setdefault(tenant, {})[cls] = None if p99 is None else round(p99, 6)
+        return out
 
     def _queue(self) -> dict[str, Any]:
         xs = sorted(self.queue_wait)
         p50, p99 = pct(xs, 0.50), pct(xs, 0.99)
+        by_class = {}
+        for cls in sorted(self.queue_wait_by_class):
+            ys = sorted(self.queue_wait_by_class[cls])
+            c50, c99 = pct(ys, 0.50), pct(ys, 0.99)
+            by_class[cls] = {"waited": len(ys), "wait_p50_s": None if c50 is None else round(c50, 6),
+                             "wait_p99_s": None if c99 is None else round(c99, 6)}
         return {**{k: (self.queue or {})[k] for k in sorted(self.queue or {})},
                 "wait_p50_s": None if p50 is None else round(p50, 6),
-                "wait_p99_s": None if p99 is None else round(p99, 6)}
+                "wait_p99_s": None if p99 is None else round(p99, 6), "by_class": by_class}

@@ -15,7 +15,13 @@ the same seed writes the same bytes). `rate` is the mean arrival rate in request
               turn finds its blocks cached where it went; interactive;
   hot-system-prompt  one 3,000-token system prompt shared by every request, 20-400 tokens of its own;
               interactive;
-  mixed       all of them: chat 45%, rag 20%, multiturn 15%, hot-system-prompt 15%, docs 5% of requests.
+  batch       offline work (reports, moderation): one of 40 task instructions (1-4K tokens, shared), then a
+              record of 200-2,000 tokens of its own, answers of ~300 tokens; class `batch`;
+  mixed       all of them but batch: chat 45%, rag 20%, multiturn 15%, hot-system-prompt 15%, docs 5% of
+              requests.
+  windows     the mixed load of the admission windows (issue 14): interactive chat bursts 70.4%, batch
+              28.2% and 20-200K-token documents 1.4% of requests, so that batch is ~30% of the tokens,
+              documents ~40% and interactive ~30%.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from collections.abc import Iterator
 
 from router.replay.trace import Prefix, TraceRequest
 
-KINDS = ("mixed", "chat", "rag", "docs", "multiturn", "hot-system-prompt")
+KINDS = ("mixed", "windows", "chat", "rag", "docs", "multiturn", "hot-system-prompt", "batch")
 MIX = (("chat", 0.45), ("rag", 0.20), ("multiturn", 0.15), ("hot-system-prompt", 0.15), ("docs", 0.05))
+WINDOWS_MIX = (("chat", 0.704), ("batch", 0.282), ("docs", 0.014))
 
 
 def _lognormal(rng: random.Random, mean: float, sigma: float = 0.8, lo: int = 1, hi: int = 8192) -> int:
@@ -130,7 +137,20 @@ def hot_system_prompt(c: _Ctx) -> Iterator[TraceRequest]:
                            output=_lognormal(rng, 200), prefix=(Prefix("hot-sys", 3000),))
 
 
-_GEN = {"chat": chat, "rag": rag, "docs": docs, "multiturn": multiturn, "hot-system-prompt": hot_system_prompt}
+def batch(c: _Ctx) -> Iterator[TraceRequest]:
+    rng = c.rng
+    tasks = [rng.randint(1000, 4000) for _ in range(40)]
+    t = 0.0
+    while True:
+        t += rng.expovariate(c.rate)
+        k = _zipf(rng, len(tasks))
+        yield TraceRequest(t=t, tenant=c.tenant(), model=c.model, slo="batch",
+                           prompt=tasks[k] + rng.randint(200, 2000), output=_lognormal(rng, 300),
+                           prefix=(Prefix(f"batch-task-{k}", tasks[k]),))
+
+
+_GEN = {"chat": chat, "batch": batch, "rag": rag, "docs": docs, "multiturn": multiturn,
+        "hot-system-prompt": hot_system_prompt}
 
 
 def synth(kind: str, requests: int, seed: int, rate: float = 20.0, tenants: tuple[str, ...] = ("demo",),
@@ -140,9 +160,9 @@ def synth(kind: str, requests: int, seed: int, rate: float = 20.0, tenants: tupl
         raise ValueError(f"unknown workload kind {kind!r}; one of {', '.join(KINDS)}")
     if requests < 0 or rate <= 0:
         raise ValueError("requests must be >= 0 and rate > 0")
-    if kind == "mixed":
+    if kind in ("mixed", "windows"):
         gens = [_GEN[k](_Ctx(random.Random(f"{seed}/{k}"), rate * share, list(tenants), model))
-                for k, share in MIX]
+                for k, share in (MIX if kind == "mixed" else WINDOWS_MIX)]
         stream: Iterator[TraceRequest] = heapq.merge(*gens, key=lambda r: r.t)
     else:
         stream = _GEN[kind](_Ctx(random.Random(seed), rate, list(tenants), model))
