@@ -39,7 +39,8 @@ def refused(text: str) -> PolicyError:
 
 def test_demo_and_deploy_policies_load() -> None:
     demo = load_policy(DEMO)
-    assert "capped" in demo.tenants and demo.slo_classes["batch"].batchable is True and not demo.slo_classes["relaxed"].batchable
+    assert "capped" in demo.tenants and demo.slo_classes["batch"].batchable is True
+    assert not demo.slo_classes["relaxed"].batchable
     deploy = load_policy(ROOT / "deploy" / "policy.compose.yaml")
     assert deploy.tiers and all(t.instances for t in deploy.tiers.values())
 
