@@ -8,8 +8,9 @@
       kv_high: 0.9           # KV-cache use above which an instance's rate shrinks, linearly to 10% at full
       max_queued: 1024       # requests waiting for a window, per tier and replica (beyond: shed)
       coalesce: true         # claim a new prefix at decision time (concurrent requests follow it)
-      overdraw_windows: 4    # the top class may run an instance's window this many bursts into debt
-                             # (the engine takes it at once; the classes below wait for the debt)
+      overdraw_windows: 1000 # the top class may run an instance's window this many bursts into debt
+                             # (the engine takes it at once; the classes below wait for the debt to
+                             # clear): by default it is never held; 0 holds it like the others
       batch_max_wait_ms: 100 # the longest a batchable class's gathering window stays open
       batch_size: 8          # a gathering window closes at once when it holds this many requests
       batch_kv: 0.8          # a gathered batch goes to its instance once its KV-cache use is below this
@@ -38,7 +39,7 @@ class AdmissionSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     kv_high: float = 0.9
     max_queued: int = 1024
     coalesce: bool = True
-    overdraw_windows: float = 4.0
+    overdraw_windows: float = 1000.0
     batch_max_wait_ms: float = 100.0
     batch_size: int = 8
     batch_kv: float = 0.8

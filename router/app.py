@@ -45,6 +45,7 @@ from router.logs import get_logger
 from router.metrics import RouterMetrics, tenant_labeler
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
+from router.redis_pool import close_redis, make_redis
 from router.replay.record import TraceRecorder
 from router.settings import Settings
 from router.shadow import Shadow
@@ -54,13 +55,6 @@ from router.usage_routes import usage_handlers
 _enc = msgspec.json.Encoder()
 T = TypeVar("T")
 JSON = "application/json"
-
-
-def make_redis(url: str, timeout_s: float) -> aioredis.Redis:
-    """Hot-path Redis: short timeouts and no retries, so a sick Redis can't stall requests."""
-    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=max(timeout_s, 0.2),
-                                   retry_on_timeout=False, retry=None, health_check_interval=0,
-                                   single_connection_client=False)
 
 
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
@@ -224,7 +218,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 await aff_store.drain()
             await client.close()
             if store is not None and redis is None:
-                await store.aclose()
+                await close_redis(store)
             executor.shutdown(wait=False, cancel_futures=True)
 
     def render(reply_status: int, body: bytes, headers: dict[str, str] | None = None) -> Response[bytes]:

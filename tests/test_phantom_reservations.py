@@ -14,11 +14,11 @@ import redis.asyncio as aioredis
 
 from backends.valkey import EmbeddedValkey
 from router.accounting import Accountant
-from router.app import make_redis
 from router.budget_store import BudgetStore
 from router.errors import ApiError
 from router.journal import Journal
 from router.metrics import RouterMetrics
+from router.redis_pool import make_redis
 from tests.test_accounting import policy, wait_for
 
 

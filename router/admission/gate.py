@@ -22,14 +22,18 @@ Algorithm, per request (after the decision and the budget admission):
   classes   a window admits a request while its bucket is above its class's floor: the policy's top
             class (highest priority) may overdraw it by `overdraw_windows` bursts (the engine serves it
             at once; the debt holds back the classes below), every other class needs a positive bucket,
-            and a gathered batch a full one (an idle window). So interactive requests wait only when
-            the instance is really overloaded, and documents and batch work yield to them.
+            and a gathered batch the same plus an instance under the utilization threshold. So the
+            top class's traffic is shaped by nothing but its own SLO, and documents and batch work yield
+            to it: they are admitted only as far as its debt on the instance has cleared.
   batch     a `batchable` class's request is not windowed on arrival: it is gathered with the requests
             that share its prefix (router/admission/gather.py), and the closed group waits in the queue as
             one batch entry, released whole to one instance once that instance is under `batch_kv` and
             nothing else waits (the queue never releases batch while another class waits).
 Window size, per instance, from what the router sees of it:
-    rate   = the tier's prefill rate (tokens/s, learned or seeded) x kv, kv = 1 up to `kv_high` KV-cache
+    rate   = the tier's prefill rate x kv: the policy's `prefill_tokens_per_s` (what the engine prefills per
+             second at full batch: an operator's figure, e.g. from bench/gpu_calibrate.py), else the rate
+             the router learned from idle instances' first tokens (per request, so lower: a prefill
+             shares its steps with decodes), kv = 1 up to `kv_high` KV-cache
              use, then falling linearly to 0.1 at a full cache (fewer new prefills where preemption looms);
     window = twice the tier's observed time per output token (about two engine steps), clamped to
              [min_window_ms, window_ms]; window_ms where the step time is unknown;
@@ -77,7 +81,7 @@ class Ticket:
     outcome: str = ""                 # released | bypassed | shed | left
     shed_status: int = 503
     members: list[Ticket] = field(default_factory=list)   # a gathered batch: the requests it stands for
-    batch: bool = False               # a batchable class's (waits for a full window)
+    batch: bool = False               # a batchable class's (held while another class waits)
     parent: Ticket | None = None      # a batch member: its group's ticket, once the group is queued
     prefix: PrefixHashes | None = None   # a batch request's sampled block hashes on its tier
     priority: int = 0                 # its class's
@@ -98,6 +102,7 @@ class Gate:
     gather: Gatherer[Ticket] = field(default_factory=Gatherer)
     dirty: set[str] = field(default_factory=set)              # tiers a batch was queued into since their walk
     top: int = 2 ** 31                # the policy's highest class priority (may overdraw its windows)
+    capacity: dict[str, float] = field(default_factory=dict)   # tier -> its policy's prefill_tokens_per_s
 
     def tiers(self) -> set[str]:
         """Tiers with requests waiting: queued, or gathering into a batch."""
@@ -105,21 +110,23 @@ class Gate:
 
     def sizing(self, c: Candidate) -> tuple[float, float] | None:
         """(rate tokens/s, burst tokens) of the candidate's window; None: no window (rate unknown)."""
-        if c.prefill_tps <= 0:
+        tps = self.capacity.get(c.tier) or c.prefill_tps
+        if tps <= 0:
             return None
         s = self.spec
         kv = 1.0
         if c.kv_usage > s.kv_high:
             kv = max(0.1, 1.0 - 0.9 * (c.kv_usage - s.kv_high) / (1.0 - s.kv_high))
-        rate = c.prefill_tps * kv
+        rate = tps * kv
         window_ms = s.window_ms if c.tpot_s <= 0 else min(s.window_ms, max(s.min_window_ms, 2000.0 * c.tpot_s))
         return rate, rate * window_ms / 1000.0
 
     def level(self, t: Ticket) -> float:
-        """The window floor of `t`'s class, in windows (module doc): the top class may overdraw, batch
-        needs a full window, every other class a positive one."""
+        """The window floor of `t`'s class, in windows (module doc): the top class may overdraw, every
+        other class needs a positive window (a gathered batch also an instance under `batch_kv` with
+        nothing waiting in its engine: `_under_threshold`)."""
         if t.members or t.batch:
-            return 1.0
+            return 0.0
         return -self.spec.overdraw_windows if t.priority >= self.top else 0.0
 
     async def take(self, c: Candidate, cost: int, now: float, level: float = 0.0) -> Grant:
@@ -186,6 +193,7 @@ class Gate:
         assert d is not None and d.chosen is not None
         pol, counts, tiers = p.view.policy, p.counts, p.reserved or None
         self.top = max((x.priority for x in pol.slo_classes.values()), default=0)
+        self.capacity = {n: t.prefill_tokens_per_s for n, t in pol.tiers.items() if t.prefill_tokens_per_s}
         cls = pol.slo_classes.get(p.rreq.slo_class)
         max_q = (cls.max_queue_ms / 1000 if cls is not None and cls.max_queue_ms is not None else
                  p.rreq.ttft_target_s / 2 if p.rreq.ttft_target_s else DEFAULT_MAX_QUEUE_S)
@@ -336,8 +344,6 @@ class Gate:
                 self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
             if not (await self.take(c, t.cost_of(c), now, level)).ok:
-                if level > 0:                # a batch waits for a full window: look again shortly
-                    self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
             q.release(w)
             t.decision, t.outcome = again, "released"
