@@ -8,9 +8,12 @@
       kv_high: 0.9           # KV-cache use above which an instance's rate shrinks, linearly to 10% at full
       max_queued: 1024       # requests waiting for a window, per tier and replica (beyond: shed)
       coalesce: true         # claim a new prefix at decision time (concurrent requests follow it)
-      overdraw_windows: 1000 # the top class may run an instance's window this many bursts into debt
-                             # (the engine takes it at once; the classes below wait for the debt to
-                             # clear): by default it is never held; 0 holds it like the others
+      overdraw_ms: 10000     # the top class may run an instance's window this far into debt (ms of the
+                             # instance's prefill): the engine takes it at once and the classes below
+                             # wait for the debt to clear; past it the top class queues too, fairly by
+                             # tenant (0 holds it like the others). Smaller protects a tenant from
+                             # another's flood of the top class, at some cost to the class's attainment
+                             # under load (BENCHMARKS.md: windows by replay)
       batch_max_wait_ms: 100 # the longest a batchable class's gathering window stays open
       batch_size: 8          # a gathering window closes at once when it holds this many requests
       batch_kv: 0.8          # a gathered batch goes to its instance once its KV-cache use is below this
@@ -39,7 +42,7 @@ class AdmissionSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     kv_high: float = 0.9
     max_queued: int = 1024
     coalesce: bool = True
-    overdraw_windows: float = 1000.0
+    overdraw_ms: float = 10_000.0
     batch_max_wait_ms: float = 100.0
     batch_size: int = 8
     batch_kv: float = 0.8
@@ -55,8 +58,8 @@ def admission_errors(policy: Policy) -> list[tuple[str, str]]:
         errs.append(("$.admission.max_queued", "must be >= 1"))
     if not 0 <= a.batch_max_wait_ms <= 60_000:
         errs.append(("$.admission.batch_max_wait_ms", "must be between 0 and 60000"))
-    if not 0 <= a.overdraw_windows <= 1000:
-        errs.append(("$.admission.overdraw_windows", "must be between 0 and 1000"))
+    if not 0 <= a.overdraw_ms <= 600_000:
+        errs.append(("$.admission.overdraw_ms", "must be between 0 and 600000"))
     if not 1 <= a.batch_size <= 4096:
         errs.append(("$.admission.batch_size", "must be between 1 and 4096"))
     if not 0 < a.batch_kv <= 1:

@@ -19,7 +19,7 @@ class World:
     def __init__(self, cands: list[Candidate], **spec: object) -> None:
         self.now = 0.0
         self.cands = cands
-        spec.setdefault("overdraw_windows", 0)     # no class overdraws unless a test says so
+        spec.setdefault("overdraw_ms", 0)          # no class overdraws unless a test says so
         self.gate = Gate(AdmissionSpec(windows=True, **spec), None,  # type: ignore[arg-type]
                          MemoryWindowStore(lambda: int(self.now * 1000)))
         self.shed: list[Ticket] = []
@@ -109,7 +109,7 @@ async def test_leave_takes_a_waiting_request_out_and_an_unknown_rate_has_no_wind
 
 
 async def test_the_top_class_overdraws_a_window_the_classes_below_wait_for() -> None:
-    w = World([cand("fast", "0")], overdraw_windows=4)       # a burst of ~1,902 tokens: 4 windows of debt
+    w = World([cand("fast", "0")], overdraw_ms=40)            # 40 ms at 190,200 tokens/s: 7,608 tokens of debt
     assert await w.enter(w.ticket("r0", 4_000))               # ~2,100 tokens of debt
     assert await w.enter(w.ticket("r1", 4_000))               # interactive: above -4 bursts, admitted
     rel = w.ticket("rel", 500, cls="relaxed")

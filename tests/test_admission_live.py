@@ -46,7 +46,7 @@ tenants:
   a: {{key_sha256: [{hash_key('sk-a-' + tag)}], default_slo: interactive}}
   b: {{key_sha256: [{hash_key('sk-b-' + tag)}], default_slo: interactive}}
 admission: {{windows: {str(windows).lower()}, window_ms: 50, max_queued: {max_queued}, batch_kv: {batch_kv},
-             batch_max_wait_ms: 300, overdraw_windows: 0}}
+             batch_max_wait_ms: 300, overdraw_ms: 0}}
 routes:
   chat: {{tiers: [fast], profile: p}}
 profiles:

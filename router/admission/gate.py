@@ -20,8 +20,10 @@ Algorithm, per request (after the decision and the budget admission):
   shed      a full queue sheds its lowest-class, last-in-fair-order request (429 if it is the newcomer's
             own class that overflowed, else 503; Retry-After either way).
   classes   a window admits a request while its bucket is above its class's floor: the policy's top
-            class (highest priority) may overdraw it by `overdraw_windows` bursts (the engine serves it
-            at once; the debt holds back the classes below), every other class needs a positive bucket,
+            class (highest priority) may overdraw it by `overdraw_ms` of the instance's prefill work (the
+            engine serves it at once; the debt holds back the classes below; past it, the engine's queue
+            is already long enough that queueing in the router costs nothing, and the router's queue
+            orders the class's tenants fairly), every other class needs a positive bucket,
             and a gathered batch the same plus an instance under the utilization threshold. So the
             top class's traffic is shaped by nothing but its own SLO, and documents and batch work yield
             to it: they are admitted only as far as its debt on the instance has cleared.
@@ -40,7 +42,7 @@ Window size, per instance, from what the router sees of it:
     burst  = rate x window.
   An instance whose prefill rate is unknown has no window (its requests go at once).
 Parameters: policies/admission_spec.py (`admission:` windows, window_ms, min_window_ms, kv_high,
-max_queued, overdraw_windows, batch_*; per class max_queue_ms; per tenant weight).
+max_queued, overdraw_ms, batch_*; per class max_queue_ms; per tenant weight).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Gate:
     dirty: set[str] = field(default_factory=set)              # tiers a batch was queued into since their walk
     top: int = 2 ** 31                # the policy's highest class priority (may overdraw its windows)
     capacity: dict[str, float] = field(default_factory=dict)   # tier -> its policy's prefill_tokens_per_s
+    top_opens: dict[str, float] = field(default_factory=dict)  # "tier/instance" -> the top class may go again
 
     def tiers(self) -> set[str]:
         """Tiers with requests waiting: queued, or gathering into a batch."""
@@ -122,21 +125,21 @@ class Gate:
         return rate, rate * window_ms / 1000.0
 
     def level(self, t: Ticket) -> float:
-        """The window floor of `t`'s class, in windows (module doc): the top class may overdraw, every
-        other class needs a positive window (a gathered batch also an instance under `batch_kv` with
-        nothing waiting in its engine: `_under_threshold`)."""
+        """The window floor of `t`'s class, in seconds of the instance's prefill (module doc): the top class
+        may overdraw, every other class needs a positive window (a gathered batch also an instance under
+        `batch_kv` with nothing waiting in its engine: `_under_threshold`)."""
         if t.members or t.batch:
             return 0.0
-        return -self.spec.overdraw_windows if t.priority >= self.top else 0.0
+        return -self.spec.overdraw_ms / 1000.0 if t.priority >= self.top else 0.0
 
     async def take(self, c: Candidate, cost: int, now: float, level: float = 0.0) -> Grant:
-        """Ask the candidate's window for `cost` tokens while it is above `level` windows (shared store;
-        this replica's windows if it fails)."""
+        """Ask the candidate's window for `cost` tokens while it is above `level` seconds of its prefill
+        rate (negative: debt; shared store, this replica's windows if it fails)."""
         sized = self.sizing(c)
         if sized is None:
             return Grant(True, 0.0, 0.0)
         rate, burst = sized
-        floor = level * burst
+        floor = level * rate
         g = await self.take_shared(c.tier, c.instance_id, cost, rate, burst, floor) if self.take_shared else None
         store = "shared"
         if g is None:
@@ -145,8 +148,11 @@ class Gate:
         if g.ok:
             self.closed.pop(c.key, None)
             self.on_event("window_tokens", f"{c.tier}|{store}", float(cost))
-        elif g.tokens <= 0:                  # closed to every class but one allowed to overdraw: until positive,
-            self.closed[c.key] = now + (round(-g.tokens * 1000) // max(1, int(rate)) + 1) / 1000   # as the store
+        else:
+            if g.tokens <= 0:                # closed to every class but one allowed to overdraw: until positive,
+                self.closed[c.key] = now + (round(-g.tokens * 1000) // max(1, int(rate)) + 1) / 1000  # as the store
+            if level < 0:                    # the top class may go again once the debt is back above its floor
+                self.top_opens[c.key] = now + g.wait_s
         self.on_event("window_budget", c.key, burst)
         return g
 
@@ -311,6 +317,9 @@ class Gate:
             return closes
         prefix = f"{tier}/"
         opens = [t for k, t in self.closed.items() if k.startswith(prefix)]
+        head = q.peek()
+        if head is not None and self.level(head.payload) < 0:   # the top class waits: its own floor's opening
+            opens += [t for k, t in self.top_opens.items() if k.startswith(prefix)]
         at = now if tier in self.dirty else min(opens) if opens else now + self.spec.min_window_ms / 1000.0
         at = max(at, self.retry_at.get(tier, at))
         return at if closes is None else min(at, closes)
@@ -325,6 +334,8 @@ class Gate:
         prefix = f"{tier}/"
         for k in [k for k, at in self.closed.items() if at <= now and k.startswith(prefix)]:
             del self.closed[k]           # open again: only windows still closed set the next wake
+        for k in [k for k, at in self.top_opens.items() if at <= now and k.startswith(prefix)]:
+            del self.top_opens[k]
         while q is not None and len(q):
             w = q.peek()
             if w is None:
