@@ -11,7 +11,11 @@ client transport it starts `tiergate serve` against the fake and measures:
 * added time for one 256K-token prompt (tokenization included), and the p99 of
   short requests (c=16) while 256K-token prompts keep arriving.
 
-Usage: python bench/overhead.py [--seconds 5] [--clients aiohttp,httpx]
+With `--windows off,on` each client runs twice, without and with the admission windows (issue #14:
+`admission: {windows: true}` and a known prefill rate on both tiers, so every request takes its
+instance's window in Redis: one round trip more), and the table says which.
+
+Usage: python bench/overhead.py [--seconds 5] [--clients aiohttp,httpx] [--windows off|on|off,on]
 """
 
 from __future__ import annotations
@@ -120,11 +124,21 @@ def long_body(tokens: int) -> bytes:
     return b'{"model":"%s","max_tokens":1,"messages":[{"role":"user","content":"' + text.encode() + b'"}]}'
 
 
-async def bench_client(kind: str, fake_url: str, seconds: float) -> dict[str, object]:
+WINDOWS = "admission: {windows: true}\n"
+
+
+def policy_text(fake_url: str, windows: bool) -> str:
+    text = POLICY.format(url=fake_url, hash=KEY_HASH)
+    if windows:   # a known prefill rate: each request takes its instance's window (one Redis round trip)
+        text = text.replace("    prices:", "    prefill_tokens_per_s: 100000\n    prices:") + WINDOWS
+    return text
+
+
+async def bench_client(kind: str, fake_url: str, seconds: float, windows: bool = False) -> dict[str, object]:
     port = free_port()
     tmp = Path(tempfile.mkdtemp())
     pol = tmp / "policy.yaml"
-    pol.write_text(POLICY.format(url=fake_url, hash=KEY_HASH))
+    pol.write_text(policy_text(fake_url, windows))
     env = {
         **os.environ,
         "TIERGATE_POLICY_PATH": str(pol),
@@ -147,7 +161,7 @@ async def bench_client(kind: str, fake_url: str, seconds: float) -> dict[str, ob
         direct = fake_url + "/v1/chat/completions"
         auth = {"authorization": f"Bearer {KEY}"}
         await load(router, SHORT % b"short", 8, 1.0, False, auth)  # warm up
-        res: dict[str, object] = {"client": kind}
+        res: dict[str, object] = {"client": kind + (" windows on" if windows else "")}
         for conc in (1, 16, 64):
             d = await load(direct, SHORT % b"m", conc, seconds, False, {})
             c0 = cpu_seconds(proc.pid)
@@ -195,14 +209,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", default="aiohttp,httpx")
+    ap.add_argument("--windows", default="off", help="off, on, or off,on (both, in one run)")
     args = ap.parse_args()
+    modes = [m == "on" for m in args.windows.split(",")]
     os.sched_setaffinity(0, {1})
     fport = free_port()
     fake = subprocess.Popen(["taskset", "-c", "1", sys.executable, str(ROOT / "bench" / "fake_backend.py"), str(fport)])
     try:
         wait_http(f"http://127.0.0.1:{fport}/health")
         results = [
-            asyncio.run(bench_client(k, f"http://127.0.0.1:{fport}", args.seconds)) for k in args.clients.split(",")
+            asyncio.run(bench_client(k, f"http://127.0.0.1:{fport}", args.seconds, w))
+            for k in args.clients.split(",") for w in modes
         ]
     finally:
         fake.terminate()
