@@ -142,3 +142,11 @@ async def test_a_batch_costs_its_window_the_shared_prefix_once() -> None:
     assert group is not None and group.members == members
     assert group.cost == 800 + 2 * (800 - 512)
     assert group.cost_of(cand("fast", "0", cached_tokens=640)) == 3 * (800 - 640)   # the cache covers more
+
+
+async def test_a_batch_goes_to_the_best_instance_under_the_threshold_not_behind_a_busy_first_choice() -> None:
+    w = World([cand("fast", "0", cached_tokens=600, waiting=3.0), cand("fast", "1")], batch_size=2)
+    members = [batch(w, f"b{k}") for k in range(2)]          # f0 holds the prefix, but its engine has a queue
+    out = await w.gate.release("fast", 0.0)
+    assert out == members
+    assert {m.decision.chosen.key for m in members if m.decision.chosen} == {"fast/f1"}

@@ -346,20 +346,29 @@ class Gate:
             if again is not None:
                 again = self.prefer_open(again, now)
             level = self.level(t)
+            if again is not None and again.chosen is not None and t.members:
+                again = self._batch_target(again, now)   # a batch: the best instance open and under the threshold
             if again is None or again.chosen is None or (level >= 0 and not self.is_open(again.chosen.key, now)):
-                if again is None or again.chosen is None:    # nothing to bind to now: look again shortly
+                if again is None or again.chosen is None or t.members:   # nothing to bind to now: look again shortly
                     self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
             c = again.chosen
-            if t.members and not self._under_threshold(c):
-                self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
-                break
             if not (await self.take(c, t.cost_of(c), now, level)).ok:
                 break
             q.release(w)
             t.decision, t.outcome = again, "released"
             out.extend(self._pinned(t, c, adj) if t.members else [t])
         return out
+
+    def _batch_target(self, d: RoutingDecision, now: float) -> RoutingDecision | None:
+        """`d` with its best-ranked candidate whose window is open and which is under the utilization
+        threshold chosen; None when there is none."""
+        c = next((x for x in d.ranked if self.is_open(x.key, now) and self._under_threshold(x)), None)
+        if c is None:
+            return None
+        if c is d.chosen:
+            return d
+        return msgspec.structs.replace(d, chosen=c, ranked=[c, *(x for x in d.ranked if x is not c)])
 
     def _under_threshold(self, c: Candidate) -> bool:
         """A gathered batch goes to `c` only while `c` is under the utilization threshold (module doc)."""

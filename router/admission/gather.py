@@ -14,12 +14,12 @@ Algorithm:
                 window   = 0                   if expected < 1 (nothing would join: waiting buys no batch)
                          = clamp((batch_size - 1) / lambda, min_window_ms, batch_max_wait_ms) otherwise
                            (the tier's first batch request, with no rate yet: batch_max_wait_ms)
-  close     a closed group is decided once (its first request's decision, against the candidates of that
-            moment) and enters the tier's queue as one batch entry of the summed prefill cost, pinned to
-            the chosen instance. The queue (router/admission/queue.py) releases it only while no request of
-            another class waits, and the gate only once that instance is under the utilization threshold
-            (KV-cache use < `batch_kv` and nothing waiting in its engine); then every member goes to it
-            together, so the shared prefix is prefilled once and its members share the engine's steps.
+  close     a closed group enters the tier's queue as one batch entry of its prefill cost (each member
+            after the first pays only what it does not share with it). The queue releases it only while
+            no request of another class waits; then the gate sends it whole to the best-ranked instance
+            whose window is open and which is under the utilization threshold (KV-cache use < `batch_kv`
+            and nothing waiting in its engine), so the shared prefix is prefilled once and its members
+            share the engine's steps.
   leave     a member whose client goes away (or whose class's `max_queue_ms` passes) leaves its group;
             an emptied group is dropped.
 Parameters (policies/admission_spec.py, `admission:`): batch_max_wait_ms (default 100), batch_size
