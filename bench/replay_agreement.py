@@ -20,7 +20,7 @@ attainment within +-5 points per class). Prints the load average at start and en
 meaningful where the machine is not CPU-bound.
 
 Usage: python bench/replay_agreement.py [--requests 600] [--rate 4] [--time-scale 2] [--seed 1]
-         [--policy money] [--keep DIR]
+         [--policy money] [--keep DIR] [--kind mixed|windows|...] [--windows]
 """
 
 from __future__ import annotations
@@ -88,14 +88,17 @@ class TokenStreams:
         return out + random.Random(f"own/{serial}").choices(range(*VOCAB), k=max(own, 0))
 
 
-def agreement_trace(n: int, seed: int, rate: float) -> list[TraceRequest]:
+def agreement_trace(n: int, seed: int, rate: float, kind: str = "mixed") -> list[TraceRequest]:
     return [msgspec.structs.replace(r, continues=False, max_tokens=r.output)
-            for r in synth("mixed", n, seed, rate)]
+            for r in synth(kind, n, seed, rate)]
 
 
-def live_policy(name: str, sims: dict[str, list[str]], scale: float) -> str:
-    """The replay bench's policy variant, each tier on its 2 simulators, prefill rates at the time scale."""
+def live_policy(name: str, sims: dict[str, list[str]], scale: float, windows: bool = False) -> str:
+    """The replay bench's policy variant, each tier on its 2 simulators, prefill rates at the time scale
+    (`windows`: with the admission windows on)."""
     text = variant(name)
+    if windows:
+        text = text.replace("\naccounting:\n", "\nadmission: {windows: true}\naccounting:\n", 1)
     for tier, urls in sims.items():
         inst = ", ".join(f'{{id: {tier}-{i}, url: "{u}"}}' for i, u in enumerate(urls))
         text, n = re.subn(rf"(\n  {tier}:\n(?:    .*\n)*?)    simulate: .*\n", rf"\g<1>    instances: [{inst}]\n",
@@ -196,7 +199,7 @@ def live_summary(st: Live) -> dict[str, Any]:
                     for c in sorted(st.n)}}
 
 
-def start_live(tmp: Path, procs: Procs, scale: float, name: str) -> tuple[str, Path]:
+def start_live(tmp: Path, procs: Procs, scale: float, name: str, windows: bool = False) -> tuple[str, Path]:
     sims: dict[str, list[str]] = {}
     for tier, prof in SIMS.items():
         for i in range(2):
@@ -209,7 +212,7 @@ def start_live(tmp: Path, procs: Procs, scale: float, name: str) -> tuple[str, P
             if not wait_http_ok(u + "/health", 120):
                 raise RuntimeError(f"simulator {u} did not start (see {tmp})")
     pol = tmp / f"{name}.yaml"
-    pol.write_text(live_policy(name, sims, scale))
+    pol.write_text(live_policy(name, sims, scale, windows))
     port = free_port()
     procs.start([sys.executable, "-m", "router.cli", "serve", "--policy", str(pol), "--port", str(port)],
                 tmp / "router.log", {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0",
@@ -259,17 +262,19 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--policy", default="money", help="a bench/routing_replay.py variant (default money)")
     ap.add_argument("--keep", default=None, help="keep the trace, policy and logs in this folder")
+    ap.add_argument("--kind", default="mixed", help="the synthesized workload (router/replay/synth.py)")
+    ap.add_argument("--windows", action="store_true", help="admission windows on (issue #14)")
     args = ap.parse_args()
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="tg-agree-"))
     tmp.mkdir(parents=True, exist_ok=True)
     trace_path = tmp / "trace.jsonl"
     with trace_path.open("wb") as f:
-        write_trace(agreement_trace(args.requests, args.seed, args.rate), f)
+        write_trace(agreement_trace(args.requests, args.seed, args.rate, args.kind), f)
     trace = list(read_trace(trace_path))
     load0 = os.getloadavg()
     procs = Procs()
     try:
-        url, pol_path = start_live(tmp, procs, args.time_scale, args.policy)
+        url, pol_path = start_live(tmp, procs, args.time_scale, args.policy, args.windows)
         t = time.perf_counter()
         st = asyncio.run(drive(url, trace, load_policy(pol_path)))
         wall = time.perf_counter() - t
@@ -278,7 +283,8 @@ def main() -> int:
         procs.stop()
     live = live_summary(st)
     rep = replay(trace_path, pol_path, args.time_scale)
-    print(f"# replay vs live: {len(trace)} requests (mixed, seed {args.seed}, {args.rate}/s), policy {args.policy}, "
+    print(f"# replay vs live: {len(trace)} requests ({args.kind}, seed {args.seed}, {args.rate}/s), "
+          f"policy {args.policy}{' with admission windows' if args.windows else ''}, "
           f"2 simulators per tier at time scale {args.time_scale}; live took {wall:.0f} s, "
           f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (1 min); "
           f"live errors {live['errors']}{': ' + '; '.join(sorted(set(st.errors))[:3]) if st.errors else ''}")
