@@ -110,8 +110,13 @@ class LoadSync:
         return True
 
     async def run(self) -> None:
+        task = asyncio.current_task()
         while True:
             await self.sync_once()
+            if task is not None and task.cancelling():
+                # a cancel that arrived inside the Redis call and came out as an error (caught above, to
+                # fail open) must still stop the loop: seen as `shutdown_tasks_stuck: load-sync`
+                raise asyncio.CancelledError
             await asyncio.sleep(self.interval_s)
 
     async def leave(self) -> None:

@@ -152,3 +152,34 @@ async def test_the_sync_loop_always_honours_its_cancel(redis: aioredis.Redis) ->
         if lost >= 3:
             break
     assert lost == 0, f"{lost} cancels were swallowed (at trial {k})"
+
+
+async def test_the_sync_loop_stops_on_cancel_wherever_the_cancel_lands(tmp_path: object) -> None:
+    """Shutdown cancels the loop; a cancel that lands inside a Redis call against a frozen server (where
+    the call's own short timeout races it) must still stop the loop, never leave it running."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from backends.valkey import EmbeddedValkey
+    from router.redis_pool import close_redis, make_redis
+    server = EmbeddedValkey(Path(str(tmp_path)) / "v", appendfsync=None)
+    server.start()
+    r = make_redis(server.url, 0.05)
+    reg = Registry(load_policy(DEMO), URLS)
+    try:
+        assert await LoadSync(r, reg, "me").sync_once()
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)                # every call now waits for its timeout
+        try:
+            for k in range(40):
+                task = asyncio.create_task(LoadSync(r, reg, f"me{k}", interval_s=0.001, timeout_s=0.05).run())
+                await asyncio.sleep(0.002 * (k % 30))           # inside the call, at its timeout, or between
+                task.cancel()
+                done, _ = await asyncio.wait([task], timeout=2.0)
+                assert done, f"cancel {k} was swallowed: the loop still runs"
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+    finally:
+        await close_redis(r)
+        server.stop()
