@@ -20,7 +20,7 @@ attainment within +-5 points per class). Prints the load average at start and en
 meaningful where the machine is not CPU-bound.
 
 Usage: python bench/replay_agreement.py [--requests 600] [--rate 4] [--time-scale 2] [--seed 1]
-         [--policy money] [--keep DIR] [--kind mixed|windows|...] [--windows]
+         [--policy money] [--keep DIR] [--kind mixed|windows|...] [--windows] [--routers 1]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ from affinity import Procs  # noqa: E402
 from routing_replay import PREFILL, variant  # noqa: E402
 
 from backends.health import wait_http_ok  # noqa: E402
-from backends.valkey import free_port  # noqa: E402
+from backends.valkey import free_port, server_binary  # noqa: E402
 from policies.schema import Policy, load_policy  # noqa: E402
 from router.replay.synth import synth  # noqa: E402
 from router.replay.trace import TraceRequest, read_trace, write_trace  # noqa: E402
@@ -174,7 +175,8 @@ async def one(s: aiohttp.ClientSession, url: str, r: TraceRequest, ids: list[int
     st.tiers[tier] = st.tiers.get(tier, 0) + 1
 
 
-async def drive(url: str, trace: list[TraceRequest], pol: Policy) -> Live:
+async def drive(urls: list[str], trace: list[TraceRequest], pol: Policy) -> Live:
+    """Each trace request at its arrival time, to the routers in turn."""
     st, streams = Live(), TokenStreams()
     bodies = [streams.prompt(r, i) for i, r in enumerate(trace)]   # built before the clock starts
     conn = aiohttp.TCPConnector(limit=0)
@@ -183,7 +185,7 @@ async def drive(url: str, trace: list[TraceRequest], pol: Policy) -> Live:
         tasks = []
         for r, ids in zip(trace, bodies, strict=True):
             await asyncio.sleep(max(0.0, t0 + r.t - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(s, url, r, ids, pol, st)))
+            tasks.append(asyncio.create_task(one(s, urls[len(tasks) % len(urls)], r, ids, pol, st)))
         await asyncio.gather(*tasks)
     return st
 
@@ -199,7 +201,10 @@ def live_summary(st: Live) -> dict[str, Any]:
                     for c in sorted(st.n)}}
 
 
-def start_live(tmp: Path, procs: Procs, scale: float, name: str, windows: bool = False) -> tuple[str, Path]:
+def start_live(tmp: Path, procs: Procs, scale: float, name: str, windows: bool = False,
+               routers: int = 1) -> tuple[list[str], Path]:
+    """The simulators, the policy file and `routers` `tiergate serve` replicas (more than one: sharing a
+    private valkey, as replicas share Redis)."""
     sims: dict[str, list[str]] = {}
     for tier, prof in SIMS.items():
         for i in range(2):
@@ -213,14 +218,28 @@ def start_live(tmp: Path, procs: Procs, scale: float, name: str, windows: bool =
                 raise RuntimeError(f"simulator {u} did not start (see {tmp})")
     pol = tmp / f"{name}.yaml"
     pol.write_text(live_policy(name, sims, scale, windows))
-    port = free_port()
-    procs.start([sys.executable, "-m", "router.cli", "serve", "--policy", str(pol), "--port", str(port)],
-                tmp / "router.log", {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0",
-                                     "TIERGATE_DATA_DIR": str(tmp / "r"), "TIERGATE_POLICY_RELOAD_INTERVAL_S": "0"})
-    url = f"http://127.0.0.1:{port}"
-    if not wait_http_ok(url + "/ready", 120):
-        raise RuntimeError(f"router did not start (see {tmp})")
-    return url, pol
+    env = {**os.environ, "TIERGATE_LOG_LEVEL": "warning", "TIERGATE_DRAIN_GRACE_S": "0",
+           "TIERGATE_POLICY_RELOAD_INTERVAL_S": "0"}
+    if routers > 1:
+        vport = free_port()
+        procs.start([server_binary(), "--port", str(vport), "--save", "", "--appendonly", "no"], tmp / "valkey.log")
+        env["TIERGATE_REDIS_URL"] = f"redis://127.0.0.1:{vport}/0"
+        for _ in range(200):                       # up before the routers connect
+            try:
+                socket.create_connection(("127.0.0.1", vport), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+    urls = []
+    for k in range(routers):
+        port = free_port()
+        procs.start([sys.executable, "-m", "router.cli", "serve", "--policy", str(pol), "--port", str(port)],
+                    tmp / f"router{k}.log", {**env, "TIERGATE_DATA_DIR": str(tmp / f"r{k}")})
+        url = f"http://127.0.0.1:{port}"
+        if not wait_http_ok(url + "/ready", 120):
+            raise RuntimeError(f"router did not start (see {tmp})")
+        urls.append(url)
+    return urls, pol
 
 
 def replay(trace: Path, pol: Path, scale: float) -> dict[str, Any]:
@@ -264,6 +283,7 @@ def main() -> int:
     ap.add_argument("--keep", default=None, help="keep the trace, policy and logs in this folder")
     ap.add_argument("--kind", default="mixed", help="the synthesized workload (router/replay/synth.py)")
     ap.add_argument("--windows", action="store_true", help="admission windows on (issue #14)")
+    ap.add_argument("--routers", type=int, default=1, help="router replicas sharing one valkey (live side)")
     args = ap.parse_args()
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="tg-agree-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -274,9 +294,9 @@ def main() -> int:
     load0 = os.getloadavg()
     procs = Procs()
     try:
-        url, pol_path = start_live(tmp, procs, args.time_scale, args.policy, args.windows)
+        urls, pol_path = start_live(tmp, procs, args.time_scale, args.policy, args.windows, args.routers)
         t = time.perf_counter()
-        st = asyncio.run(drive(url, trace, load_policy(pol_path)))
+        st = asyncio.run(drive(urls, trace, load_policy(pol_path)))
         wall = time.perf_counter() - t
         load1 = os.getloadavg()
     finally:
@@ -284,7 +304,7 @@ def main() -> int:
     live = live_summary(st)
     rep = replay(trace_path, pol_path, args.time_scale)
     print(f"# replay vs live: {len(trace)} requests ({args.kind}, seed {args.seed}, {args.rate}/s), "
-          f"policy {args.policy}{' with admission windows' if args.windows else ''}, "
+          f"policy {args.policy}{' with admission windows' if args.windows else ''}, {args.routers} router(s), "
           f"2 simulators per tier at time scale {args.time_scale}; live took {wall:.0f} s, "
           f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (1 min); "
           f"live errors {live['errors']}{': ' + '; '.join(sorted(set(st.errors))[:3]) if st.errors else ''}")
