@@ -5,9 +5,11 @@ A discrete-event loop over three kinds of event, in time order (ties: engines, t
 arrivals; then the order they were made):
   arrival   a trace request: the SLO from its headers (router/slo.py), the route, the core's `start`,
             `gather` (the affinity twin), `decide` (the policy's profile over the registry's candidates),
-            `admit` (the real `Accountant` over the budget twin) (no prefix claim, `Lifecycle.coalesce`:
-            a replayed request's lookup, decision and dispatch happen at one instant with nothing between
-            them, so its claim could only record what its dispatch records); then dispatch to the chosen instance:
+            `admit` (the real `Accountant` over the budget twin); with `admission.windows`, the prefix claim
+            (`Lifecycle.coalesce`, as the live gateway makes it before its gate: a request may wait in the
+            queue between decision and dispatch, and a later one must see its prefix claimed meanwhile;
+            without windows, lookup, decision and dispatch happen at one instant, so the claim could only
+            record what the dispatch records, and is skipped) and the gate; then dispatch to the chosen instance:
             the load counts the forwarder keeps (`dispatched`), the affinity record the forwarder writes
             as it sends, the engine request with the max_tokens the live router would forward;
   engine    the end of an engine's step or decode run (backends/sim/virtual.py): first tokens (the
@@ -278,6 +280,8 @@ class Replay:
             self.results.refuse(exc.status, exc.code)
             return
         ctx = (r, serial, cap, blocks, hashes)
+        if self.gate is not None:
+            run_sync(core.coalesce(p))     # the live gateway claims before its gate (module doc)
         if self.gate is None or self.gate.enter(p, ctx, t):
             self._dispatch(p, ctx)
 
