@@ -7,7 +7,7 @@ PORT ?= 8000
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test lint typecheck check bench-overhead bench-sim bench-affinity bench-routing bench-failover \
-	bench-accounting bench-reload clean
+	bench-accounting bench-reload bench-hardening bench-windows clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,13 @@ bench-accounting: $(STAMP) ## admission exactness and admit/settle cost (bench/a
 
 bench-reload: $(STAMP) ## policy hot reload under load (bench/policy_reload.py)
 	$(BIN)/python bench/policy_reload.py --seconds 20
+
+bench-hardening: $(STAMP) ## hostile clients and broken backends against tiergate serve (bench/hardening.py)
+	$(BIN)/python bench/hardening.py
+
+bench-windows: $(STAMP) ## admission windows off vs on by replay: mixed load, fairness (bench/windows_replay.py)
+	$(BIN)/python bench/windows_replay.py --requests 20000 --rate 160 --only mixed
+	$(BIN)/python bench/windows_replay.py --only fairness --fair-requests 11000 --fair-rate 400
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .tiergate .pytest_cache .mypy_cache .ruff_cache
