@@ -372,12 +372,16 @@ async def until_gone(work: Coroutine[Any, Any, T], receive: Callable[[], Awaitab
         raise
     finally:
         watch.cancel()
-    if task.done():
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    exc = task.exception()
+    if exc is None:
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
+    del task, watch   # else exception -> traceback -> this frame -> task -> exception: a cycle that would keep
+    raise exc         # the request's body and parsed JSON alive until the garbage collector runs
 
 
 async def _note_version(store: aioredis.Redis, version: str) -> None:
