@@ -79,6 +79,18 @@ class PrefixHashes:
         """Cached prompt tokens implied by `matched` leading sampled hashes being present."""
         return 0 if matched <= 0 else (self.positions[matched - 1] + 1) * self.block_size
 
+    def shared_tokens(self, other: PrefixHashes | None) -> int:
+        """Prompt tokens this prompt and `other` share from the start, by their sampled hashes (chained, so
+        equal hashes at one position mean equal prompts up to there)."""
+        if other is None or other.block_size != self.block_size:
+            return 0
+        n = 0
+        for x, y, px, py in zip(self.hashes, other.hashes, self.positions, other.positions, strict=False):
+            if x != y or px != py:
+                break
+            n += 1
+        return self.tokens_for(n)
+
     def matched_for(self, tokens: int) -> int:
         """The inverse of `tokens_for`: how many leading sampled hashes `tokens` cached tokens stand for."""
         return bisect_right(self.positions, tokens // self.block_size - 1) if tokens > 0 else 0

@@ -236,7 +236,7 @@ class Gate:
         the members' summed prefill cost on a candidate)."""
         lead = g.members[0]
         members = list(g.members)
-        shared = [(m, _shared_tokens(lead.prefix, m.prefix)) for m in members[1:]]
+        shared = [(m, lead.prefix.shared_tokens(m.prefix) if lead.prefix else 0) for m in members[1:]]
 
         def cost_of(c: Candidate) -> int:
             """The batch's prefill on `c`: the first member's, then each other's beyond what it shares with
@@ -244,12 +244,12 @@ class Gate:
             return lead.cost_of(c) + sum(max(0, m.cost_of(c) - max(0, s - c.cached_tokens)) for m, s in shared)
         chosen = lead.decision.chosen
         gt = Ticket("batch:" + lead.rid, lead.tier, cost_of(chosen) if chosen else lead.cost, now, lead.deadline,
-                    lead.redecide, lead.decision, cost_of=cost_of, slo_class=lead.slo_class, members=members)
+                    lead.redecide, lead.decision, cost_of=cost_of, slo_class=lead.slo_class, members=members,
+                    batch=True, priority=lead.priority, weight=lead.weight, tenant=lead.tenant)
         for m in members:
             m.parent = gt
         self.dirty.add(gt.tier)          # not tried yet: walk the queue at once
-        self._push(gt, Waiting(gt, lead.tenant, lead.priority, max(gt.cost, 1), lead.weight, True, now),
-                   lead.priority, True)
+        self._push(gt, now)
 
     async def enter(self, t: Ticket, now: float, priority: int, weight: float, batch: bool, tenant: str) -> bool:
         """True: go now (`t.decision` is what to send). False: `t` waits (or was shed: `t.outcome`)."""
@@ -270,18 +270,19 @@ class Gate:
         last = t.decision.chosen
         assert last is not None
         t.tier, t.cost = last.tier, cost_of(last)
-        self._push(t, Waiting(t, tenant, priority, max(t.cost, 1), weight, batch, now), priority, batch)
+        self._push(t, now)
         return False
 
-    def _push(self, t: Ticket, w: Waiting[Ticket], priority: int, batch: bool) -> None:
-        """Queue `t`; the queue's victim, if full, is shed (a gathered batch: each of its members)."""
+    def _push(self, t: Ticket, now: float) -> None:
+        """Queue `t` (its class's priority, its tenant's weight, its cost); the queue's victim, if full, is
+        shed (a gathered batch: each of its members)."""
         q = self.queues.setdefault(t.tier, AdmissionQueue(self.spec.max_queued))
-        t.waiting = w
+        t.waiting = w = Waiting(t, t.tenant, t.priority, max(t.cost, 1), t.weight, t.batch, now)
         shed = q.push(w)
         if shed is None:
             return
         victim = shed.payload
-        status = 429 if shed.priority == priority and shed.batch == batch else 503
+        status = 429 if shed.priority == w.priority and shed.batch == w.batch else 503
         self.on_event("shed", t.tier, 1.0)
         for v in victim.members or [victim]:
             v.outcome, v.shed_status = "shed", status
@@ -389,15 +390,3 @@ class Gate:
             m.outcome, m.parent = "released", None
         return list(g.members)
 
-
-def _shared_tokens(a: PrefixHashes | None, b: PrefixHashes | None) -> int:
-    """Prompt tokens two requests share from the start, by their sampled block hashes (chained, so equal
-    hashes at one position mean equal prompts up to there)."""
-    if a is None or b is None or a.block_size != b.block_size:
-        return 0
-    n = 0
-    for x, y, px, py in zip(a.hashes, b.hashes, a.positions, b.positions, strict=False):
-        if x != y or px != py:
-            break
-        n += 1
-    return a.tokens_for(n)

@@ -2,8 +2,8 @@
 
 Algorithm: a token bucket per (tier, instance), in uncached prefill tokens. It refills at `rate` tokens
 per second up to `burst` (= rate x the window length: what the instance prefills in one window), and
-starts full. `take(cost)` admits a request when the bucket is above its class's floor (0; below 0 for a
-class allowed to overdraw, near the burst for batch work: router/admission/gate.py), whatever its cost, and takes the
+starts full. `take(cost)` admits a request when the bucket is above its class's floor (0; below 0 for
+the class allowed to overdraw: router/admission/gate.py), whatever its cost, and takes the
 whole cost, so the bucket may go negative: a 100K-token document is admitted as soon as the window has
 room (small requests can never starve it) and then holds the instance's windows for about its own
 prefill time (cost / rate), the time the engine is busy with it anyway; meanwhile the bucket refills,

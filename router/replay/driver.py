@@ -243,7 +243,6 @@ class Replay:
             res.busy_s[tier] = res.busy_s.get(tier, 0.0) + ve.busy_s
         if self.gate is not None:
             res.queue, res.queue_wait = dict(self.gate.outcomes), self.gate.waited
-            res.queue_wait_by_class = self.gate.waited_by_class
         for tenant, sums in self.budget.all_aggregates().items():
             res.tenants_units[tenant] = sum(v for k, v in sums.items() if k.endswith("|cost"))
         if self.progress is not None:

@@ -29,8 +29,7 @@ class ReplayGate:
     tickets: dict[str, tuple[Ticket, Pending, Any]] = field(default_factory=dict)
     wakes: dict[str, float] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
-    waited: list[float] = field(default_factory=list)
-    waited_by_class: dict[str, list[float]] = field(default_factory=dict)
+    waited: dict[str, list[float]] = field(default_factory=dict)     # class -> waits of its dispatched requests
 
     def __post_init__(self) -> None:
         self.gate = Gate(self.policy.admission, None, MemoryWindowStore(self.wall_ms))
@@ -77,8 +76,7 @@ class ReplayGate:
     def _go(self, t: Ticket, now: float) -> None:
         _, p, ctx = self.tickets.pop(t.rid)
         self.outcomes[t.outcome] = self.outcomes.get(t.outcome, 0) + 1
-        self.waited.append(now - t.at)
-        self.waited_by_class.setdefault(t.slo_class or "none", []).append(now - t.at)
+        self.waited.setdefault(t.slo_class or "none", []).append(now - t.at)
         p.decision = t.decision
         self.dispatch(p, ctx)
 

@@ -63,8 +63,7 @@ class Results:
     busy_s: dict[str, float] = field(default_factory=dict)
     gpu: dict[str, tuple[int, float]] = field(default_factory=dict)   # tier -> (instances, usd per hour)
     queue: dict[str, int] | None = None      # admission windows on: requests by how they left the queue
-    queue_wait: list[float] = field(default_factory=list)
-    queue_wait_by_class: dict[str, list[float]] = field(default_factory=dict)
+    queue_wait: dict[str, list[float]] = field(default_factory=dict)   # class -> waits of its queued requests
     tenant_ttft: dict[tuple[str, str], array[float]] = field(default_factory=dict)   # (tenant, class) -> TTFTs
 
     def refuse(self, status: int, code: str | None) -> None:
@@ -146,14 +145,12 @@ class Results:
         return out
 
     def _queue(self) -> dict[str, Any]:
-        xs = sorted(self.queue_wait)
-        p50, p99 = pct(xs, 0.50), pct(xs, 0.99)
-        by_class = {}
-        for cls in sorted(self.queue_wait_by_class):
-            ys = sorted(self.queue_wait_by_class[cls])
-            c50, c99 = pct(ys, 0.50), pct(ys, 0.99)
-            by_class[cls] = {"waited": len(ys), "wait_p50_s": None if c50 is None else round(c50, 6),
-                             "wait_p99_s": None if c99 is None else round(c99, 6)}
-        return {**{k: (self.queue or {})[k] for k in sorted(self.queue or {})},
-                "wait_p50_s": None if p50 is None else round(p50, 6),
-                "wait_p99_s": None if p99 is None else round(p99, 6), "by_class": by_class}
+        def waits(xs: list[float]) -> dict[str, float | None]:
+            ys = sorted(xs)
+            p50, p99 = pct(ys, 0.50), pct(ys, 0.99)
+            return {"wait_p50_s": None if p50 is None else round(p50, 6),
+                    "wait_p99_s": None if p99 is None else round(p99, 6)}
+        every = [x for xs in self.queue_wait.values() for x in xs]
+        by_class = {cls: {"waited": len(xs), **waits(xs)} for cls, xs in sorted(self.queue_wait.items())}
+        return {**{k: (self.queue or {})[k] for k in sorted(self.queue or {})}, **waits(every),
+                "by_class": by_class}
