@@ -17,7 +17,7 @@ doesn't, windows off and on.
 
 Usage: python bench/windows_replay.py [--requests 20000] [--rate 40] [--seed 1]
           [--replicas fast=4,balanced=4,long=4] [--fair-requests 12000] [--fair-rate 60]
-          [--overdraw-ms MS] [--only mixed|fairness]
+          [--overdraw-ms MS] [--admission 'k: v, ...'] [--seats fast=256,...] [--only mixed|fairness]
 """
 
 from __future__ import annotations
@@ -49,13 +49,20 @@ TENANTS = f"""  alice: {{key_sha256: ["{'a' * 64}"], default_slo: interactive}}
 
 
 OVERDRAW_MS: list[float | None] = [None]      # --overdraw-ms (None: the policy's default)
+EXTRA: list[str] = [""]                       # --admission 'k: v, ...' (more admission fields)
+SEATS: dict[str, int] = {}                    # --seats: tier -> max_num_seqs
 
 
 def policy_text(windows: bool) -> str:
     text = variant("money")
     text = text.replace("\ntenants:\n", "\ntenants:\n" + TENANTS, 1)
     over = "" if OVERDRAW_MS[0] is None else f", overdraw_ms: {OVERDRAW_MS[0]:g}"
-    block = f"admission: {{windows: {'true' if windows else 'false'}{over}}}\n"
+    for tier, n in SEATS.items():
+        text, k = re.subn(rf"(\n  {tier}:\n)", rf"\g<1>    max_num_seqs: {n}\n", text, count=1)
+        if not k:
+            raise SystemExit(f"--seats: no tier {tier!r} in the policy")
+    extra = f", {EXTRA[0]}" if EXTRA[0] else ""
+    block = f"admission: {{windows: {'true' if windows else 'false'}{over}{extra}}}\n"
     if re.search(r"^admission:", text, re.M):
         text = re.sub(r"^admission:.*\n", block, text, count=1, flags=re.M)
     else:
@@ -146,8 +153,12 @@ def main() -> None:
     ap.add_argument("--fair-rate", type=float, default=60.0)
     ap.add_argument("--only", choices=("mixed", "fairness"))
     ap.add_argument("--overdraw-ms", type=float, default=None, help="admission.overdraw_ms (default: the policy's)")
+    ap.add_argument("--admission", default="", help="more admission fields, e.g. 'overdraw_ms: 250'")
+    ap.add_argument("--seats", default="", help="tiers' max_num_seqs (the gate's room), e.g. fast=256,long=64")
     args = ap.parse_args()
     OVERDRAW_MS[0] = args.overdraw_ms
+    EXTRA[0] = args.admission
+    SEATS.update({k: int(v) for k, v in parse_assignments(args.seats, "--seats").items()})
     print(f"load average {os.getloadavg()[0]:.2f} at start")
     if args.only != "fairness":
         mixed(args)

@@ -22,7 +22,9 @@
 Per SLO class: `priority` (higher first), `batchable` (held while any other class waits), `max_queue_ms`
 (the longest a request of the class waits for a window before it is sent anyway; default half its
 TTFT target) and `price_factor` (its tokens are billed at the tier's prices times this; default 1).
-Per tenant: `weight` (its share among the tenants of one class while they wait; default 1).
+Per tenant: `weight` (its share among the tenants of one class while they wait, and at `max_queue_ms`: a
+tenant over its weighted share of its class is then shed, 429, instead of sent: router/admission/share.py).
+Per tier: `max_num_seqs` (the gate holds requests while an instance has this many in flight: gate.py, room).
 """
 
 from __future__ import annotations

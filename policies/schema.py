@@ -60,6 +60,8 @@ class TierSpec(msgspec.Struct, **STRICT):
     block_size: int = 16
     gpu_cost_per_hour: float | None = None
     prefill_tokens_per_s: float | None = None   # seeds the TTFT predictor until responses teach it
+    max_num_seqs: int | None = None             # vLLM's --max-num-seqs: the admission gate holds new requests
+    #                                             while an instance has this many in flight (admission_spec.py)
     first_byte_timeout_s: float | None = None   # fixed first-byte deadline (else derived: router/deadlines.py)
     stall_timeout_s: float | None = None        # fixed inter-chunk deadline of streams (else derived)
     description: str = ""
@@ -271,6 +273,8 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
         for knob in ("prefill_tokens_per_s", "first_byte_timeout_s", "stall_timeout_s"):
             if (v := getattr(tier, knob)) is not None and not 0 < v < float("inf"):
                 errs.append((f"{base}.{knob}", "must be > 0"))
+        if tier.max_num_seqs is not None and not 1 <= tier.max_num_seqs <= 65536:
+            errs.append((f"{base}.max_num_seqs", "must be between 1 and 65536"))
         if tier.block_size not in (1, 8, 16, 32, 64, 128):
             errs.append((f"{base}.block_size", "must be one of 1, 8, 16, 32, 64, 128"))
         for price in ("input", "cached_input", "output"):

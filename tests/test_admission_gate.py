@@ -10,7 +10,8 @@ import pytest
 
 from policies.admission_spec import AdmissionSpec
 from policies.types import Candidate, RoutingDecision
-from router.admission.gate import Gate, Ticket
+from router.admission.gate import Gate
+from router.admission.ticket import Ticket
 from router.replay.window_twin import MemoryWindowStore
 from tests.test_money import MONEY, cand, req
 
@@ -120,3 +121,46 @@ async def test_the_top_class_overdraws_a_window_the_classes_below_wait_for() -> 
     w.now = w.gate.next_wake("fast", w.now) or 0.0
     out = await w.gate.release("fast", w.now)
     assert out and out[0] is late and rel not in out          # the top class first, relaxed still waits
+
+
+async def test_an_instance_without_room_holds_even_the_top_class_until_a_slot_frees() -> None:
+    # the top class may overdraw 10 s of windows, but fast/f0 runs its max_num_seqs already: it waits in
+    # the router's queue (fair order) instead of the engine's, and goes once the instance has a slot again
+    w = World([cand("fast", "0", in_flight=4)], overdraw_ms=10_000)
+    w.gate.seqs = {"fast": 4}
+    t = w.ticket("r", 500)
+    assert not await w.enter(t) and t.outcome == ""
+    w.now = w.gate.next_wake("fast", w.now) or 0.0
+    assert await w.gate.release("fast", w.now) == []          # still full
+    w.cands = [cand("fast", "0", in_flight=3)]
+    w.now = w.gate.next_wake("fast", w.now) or 0.0
+    assert await w.gate.release("fast", w.now) == [t] and t.outcome == "released"
+
+
+async def test_one_walk_counts_its_own_releases_against_the_room() -> None:
+    # 2 seats free on f0; 3 requests wait: one walk releases 2 (the candidates' in_flight only grows when
+    # the driver dispatches them, after the walk), the third waits for the next slot
+    w = World([cand("fast", "0", in_flight=4)], overdraw_ms=10_000)
+    w.gate.seqs = {"fast": 4}
+    ts = [w.ticket(f"r{k}", 500) for k in range(3)]
+    assert [await w.enter(t) for t in ts] == [False] * 3
+    w.cands = [cand("fast", "0", in_flight=2)]
+    w.now = w.gate.next_wake("fast", w.now) or 0.0
+    assert await w.gate.release("fast", w.now) == ts[:2] and ts[2].outcome == ""
+
+
+async def test_at_its_deadline_a_flooding_tenant_is_shed_and_the_other_is_spread_over_the_tier() -> None:
+    w = World([cand("fast", "0", in_flight=4), cand("fast", "1", in_flight=6)], overdraw_ms=10_000)
+    w.gate.seqs = {"fast": 4}
+    for _ in range(10):                                        # alice sends 10x bob's requests
+        w.gate.shares.arrive(("fast", 1), "alice", 1.0, w.now)
+    w.gate.shares.arrive(("fast", 1), "bob", 1.0, w.now)
+    a, b = w.ticket("a", 500), w.ticket("b", 500)
+    assert not await w.enter(a, tenant="alice") and not await w.enter(b, tenant="bob")
+    w.now = a.deadline
+    w.gate.expire(a, w.now)
+    assert a.outcome == "shed" and a.shed_status == 429 and a.shed_reason == "over_share"
+    w.gate.expire(b, w.now)
+    assert b.outcome == "bypassed" and b.decision.chosen is not None
+    assert b.decision.chosen.instance_id == "f0"               # the tier's instance with the least in flight
+    assert not len(w.gate.queues["fast"])

@@ -3,8 +3,8 @@ gathered batch (router/admission/gate.py), on a virtual clock over hand-built ca
 
 from __future__ import annotations
 
-from router.admission.gate import Ticket
 from router.admission.gather import GROUP_DEPTH, Gatherer, group_key
+from router.admission.ticket import Ticket
 from tests.test_admission_gate import World
 from tests.test_money import cand
 

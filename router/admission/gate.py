@@ -15,8 +15,17 @@ Algorithm, per request (after the decision and the budget admission):
             first waiting request is decided again (late binding: the instance that freed up first, or
             another tier where its SLO needs that) and, if its choice is open and grants, released; the
             first that can't go stops the walk until the next opening.
+  room      where a tier states `max_num_seqs` (vLLM's --max-num-seqs), a request (any class) goes to an
+            instance only while fewer than that many requests are in flight there (every replica's, through
+            load sync, plus this walk's releases); else it waits in the queue like a closed window's. Under
+            overload the backlog then waits here, in fair order, not in the engine's first-come queue, and
+            another tenant's request overtakes a flood's. Off where the tier leaves it unset (BENCHMARKS.md:
+            it costs interactive attainment in bursts).
   deadline  a request waits at most its class's `max_queue_ms` (default half its TTFT target); then it is
-            dispatched as last decided (`bypass`): a window never costs a request its SLO by itself.
+            dispatched as last decided (`bypass`; where that instance has no room, to the tier's instance
+            with the least in flight): a window never costs a request its SLO by itself;
+            unless its tenant sends more than its weighted share of its class on the tier
+            (router/admission/share.py), when it is shed (429, Retry-After): the flood absorbs the refusals.
   shed      a full queue sheds its lowest-class, last-in-fair-order request (429 if it is the newcomer's
             own class that overflowed, else 503; Retry-After either way).
   classes   a window admits a request while its bucket is above its class's floor: the policy's top
@@ -56,39 +65,14 @@ from policies.admission_spec import AdmissionSpec
 from policies.types import Candidate, RoutingDecision
 from router.admission.gather import Gatherer, Group, group_key
 from router.admission.queue import AdmissionQueue, Waiting
+from router.admission.share import Shares
+from router.admission.ticket import Ticket
 from router.admission.window_store import Grant
 from router.lifecycle.core import Lifecycle, Pending
-from router.prefix_hash import PrefixHashes
 from router.replay.window_twin import MemoryWindowStore
 
 DEFAULT_MAX_QUEUE_S = 0.5      # a class with neither max_queue_ms nor a TTFT target
 Take = Callable[[str, str, int, float, float, float], Awaitable[Grant | None]]
-Redecide = Callable[[Callable[[list[Candidate]], list[Candidate]]], RoutingDecision | None]
-
-
-@dataclass(eq=False)
-class Ticket:
-    """A request waiting for a window; the driver holds it and waits on it."""
-
-    rid: str
-    tier: str
-    cost: int                         # uncached prefill tokens of its current choice
-    at: float                         # queued (the driver's clock)
-    deadline: float                   # dispatched as decided by then (bypass)
-    redecide: Redecide                # the core's decision over adjusted candidates
-    decision: RoutingDecision
-    cost_of: Callable[[Candidate], int] = lambda c: 0   # uncached prefill tokens on a candidate
-    slo_class: str = ""
-    waiting: Waiting[Ticket] | None = None
-    outcome: str = ""                 # released | bypassed | shed | left
-    shed_status: int = 503
-    members: list[Ticket] = field(default_factory=list)   # a gathered batch: the requests it stands for
-    batch: bool = False               # a batchable class's (held while another class waits)
-    parent: Ticket | None = None      # a batch member: its group's ticket, once the group is queued
-    prefix: PrefixHashes | None = None   # a batch request's sampled block hashes on its tier
-    priority: int = 0                 # its class's
-    weight: float = 1.0               # its tenant's share
-    tenant: str = ""
 
 
 @dataclass
@@ -106,6 +90,10 @@ class Gate:
     top: int = 2 ** 31                # the policy's highest class priority (may overdraw its windows)
     capacity: dict[str, float] = field(default_factory=dict)   # tier -> its policy's prefill_tokens_per_s
     top_opens: dict[str, float] = field(default_factory=dict)  # "tier/instance" -> the top class may go again
+    shares: Shares = field(default_factory=Shares)             # tenants' arrival shares, for the deadline
+    seqs: dict[str, int] = field(default_factory=dict)         # tier -> its policy's max_num_seqs
+    given: dict[str, int] = field(default_factory=dict)  # this walk's releases, not yet in the candidates'
+    #                                                       in_flight (the driver dispatches them after the walk)
 
     def tiers(self) -> set[str]:
         """Tiers with requests waiting: queued, or gathering into a batch."""
@@ -181,14 +169,22 @@ class Gate:
     def is_open(self, key: str, now: float) -> bool:
         return self.closed.get(key, 0.0) <= now
 
+    def has_room(self, c: Candidate) -> bool:
+        """Whether `c` takes another request now (module doc: room)."""
+        seqs = self.seqs.get(c.tier)
+        return seqs is None or c.in_flight + self.given.get(c.key, 0) < seqs
+
+    def usable(self, c: Candidate, now: float) -> bool:
+        return self.is_open(c.key, now) and self.has_room(c)
+
     def prefer_open(self, d: RoutingDecision, now: float) -> RoutingDecision:
-        """Among candidates ranked equal to the choice (ties), an open window before a closed one."""
+        """Among candidates ranked equal to the choice (ties), an open window with room before the rest."""
         c = d.chosen
-        if c is None or self.is_open(c.key, now):
+        if c is None or self.usable(c, now):
             return d
         best = d.totals.get(c.key)
         for alt in d.ranked:
-            if self.is_open(alt.key, now) and d.totals.get(alt.key) == best:
+            if self.usable(alt, now) and d.totals.get(alt.key) == best:
                 return msgspec.structs.replace(d, chosen=alt, ranked=[alt, *(x for x in d.ranked if x is not alt)])
         return d
 
@@ -200,6 +196,7 @@ class Gate:
         pol, counts, tiers = p.view.policy, p.counts, p.reserved or None
         self.top = max((x.priority for x in pol.slo_classes.values()), default=0)
         self.capacity = {n: t.prefill_tokens_per_s for n, t in pol.tiers.items() if t.prefill_tokens_per_s}
+        self.seqs = {n: t.max_num_seqs for n, t in pol.tiers.items() if t.max_num_seqs}
         cls = pol.slo_classes.get(p.rreq.slo_class)
         max_q = (cls.max_queue_ms / 1000 if cls is not None and cls.max_queue_ms is not None else
                  p.rreq.ttft_target_s / 2 if p.rreq.ttft_target_s else DEFAULT_MAX_QUEUE_S)
@@ -214,6 +211,7 @@ class Gate:
             ph = t.prefix = p.hashes.get(d.chosen.tier)
             self.gather_batch(t, group_key(ph.hashes if ph is not None else []), now, priority, weight, p.tenant)
             return t, False
+        self.shares.arrive((t.tier, priority), p.tenant, weight, now)
         go = await self.enter(t, now, priority, weight, False, p.tenant)
         return t, go
 
@@ -258,13 +256,13 @@ class Gate:
         assert chosen is not None
         t.priority, t.weight, t.tenant, t.batch = priority, weight, tenant, batch
         level = self.level(t)
-        if (await self.take(chosen, cost_of(chosen), now, level)).ok:
+        if self.has_room(chosen) and (await self.take(chosen, cost_of(chosen), now, level)).ok:
             return True
         again = t.redecide(self.adjust(now))
         if again is not None and again.chosen is not None:
             t.decision = again = self.prefer_open(again, now)
             alt = again.chosen
-            if alt is not None and (level < 0 or self.is_open(alt.key, now)) and \
+            if alt is not None and self.has_room(alt) and (level < 0 or self.is_open(alt.key, now)) and \
                     (await self.take(alt, cost_of(alt), now, level)).ok:
                 return True
         last = t.decision.chosen
@@ -309,6 +307,34 @@ class Gate:
             self.queues[t.tier].remove(t.waiting)
             t.outcome = outcome
 
+    def expire(self, t: Ticket, now: float) -> None:
+        """`t`'s deadline passed: bypassed, or shed when its tenant is over its share (module doc)."""
+        if t.outcome != "":
+            return
+        if not t.batch and t.parent is None and self.shares.over((t.tier, t.priority), t.tenant, now):
+            self.leave(t, "shed")
+            t.shed_status, t.shed_reason = 429, "over_share"
+            self.on_event("shed", t.tier, 1.0)
+            return
+        self.leave(t, "bypassed")
+        c = t.decision.chosen
+        if c is not None and not t.members and not self.has_room(c):
+            self._spread(t, c, now)
+
+    def _spread(self, t: Ticket, c: Candidate, now: float) -> None:
+        """A bypassed request whose instance has no room goes to the instance of the same tier with the
+        least in flight (decided again there): a burst that outwaited its queue is spread over the tier,
+        not sent whole to the one instance every member had been decided to."""
+        again = t.redecide(self.adjust(now))
+        if again is None:
+            return
+        same = [x for x in again.ranked if x.tier == c.tier]
+        if not same:
+            return
+        pick = min(same, key=lambda x: (x.in_flight, x.pending_tokens))
+        t.decision = msgspec.structs.replace(again, chosen=pick,
+                                             ranked=[pick, *(x for x in again.ranked if x is not pick)])
+
     def next_wake(self, tier: str, now: float) -> float | None:
         """When the tier's queue should be walked again: its earliest closed window's opening (now, if one
         has opened since), else after the shortest window."""
@@ -332,6 +358,7 @@ class Gate:
         self.dirty.discard(tier)
         q = self.queues.get(tier)
         out: list[Ticket] = []
+        self.given = {}
         prefix = f"{tier}/"
         for k in [k for k, at in self.closed.items() if at <= now and k.startswith(prefix)]:
             del self.closed[k]           # open again: only windows still closed set the next wake
@@ -349,16 +376,20 @@ class Gate:
             level = self.level(t)
             if again is not None and again.chosen is not None and t.members:
                 again = self._batch_target(again, now)   # a batch: the best instance open and under the threshold
-            if again is None or again.chosen is None or (level >= 0 and not self.is_open(again.chosen.key, now)):
-                if again is None or again.chosen is None or t.members:   # nothing to bind to now: look again shortly
+            if again is None or again.chosen is None or (level >= 0 and not self.is_open(again.chosen.key, now)) \
+                    or not (t.members or self.has_room(again.chosen)):
+                if again is None or again.chosen is None or t.members or not self.has_room(again.chosen):
+                    # nothing to bind to now: look again shortly
                     self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
             c = again.chosen
             if not (await self.take(c, t.cost_of(c), now, level)).ok:
                 break
+            self.given[c.key] = self.given.get(c.key, 0) + max(1, len(t.members))
             q.release(w)
             t.decision, t.outcome = again, "released"
             out.extend(self._pinned(t, c, adj) if t.members else [t])
+        self.given = {}
         return out
 
     def _batch_target(self, d: RoutingDecision, now: float) -> RoutingDecision | None:

@@ -3,8 +3,9 @@
 A request the gate queues waits on a future: the lifespan-owned `run` task sleeps until the earliest
 opening of a queued tier's windows (or a new arrival's kick), walks that queue and resolves the futures
 of the requests it released. A waiting request leaves at its class's `max_queue_ms` (bypass: dispatched
-as last decided) or when its client goes away (cancelled: it leaves the queue; the caller releases its
-budget reservation, so it is billed nothing). A shed request gets the gate's status with Retry-After.
+as last decided, or shed when its tenant is over its share) or when its client goes away (cancelled: it
+leaves the queue; the caller releases its budget reservation, so it is billed nothing). A shed request
+gets the gate's status with Retry-After.
 The windows are shared through Redis (router/admission/window_store.py); when a call fails, this
 replica's own windows answer (the in-memory twin), counted in `tiergate_window_tokens{store="local"}`.
 """
@@ -17,7 +18,8 @@ import time
 from collections.abc import Callable
 
 from policies.admission_spec import AdmissionSpec
-from router.admission.gate import Gate, Take, Ticket
+from router.admission.gate import Gate, Take
+from router.admission.ticket import Ticket
 from router.errors import ApiError
 from router.lifecycle.core import Lifecycle, Pending
 from router.logs import get_logger
@@ -86,7 +88,7 @@ class LiveGate:
             async with asyncio.timeout(max(0.0, t.deadline - self.clock())):
                 await fut
         except TimeoutError:
-            self.gate.leave(t, "bypassed")
+            self.gate.expire(t, self.clock())
         except BaseException:
             self.gate.leave(t, "left")
             raise
@@ -99,6 +101,9 @@ class LiveGate:
 
     def _shed_error(self, t: Ticket) -> None:
         self.metrics.child(self.metrics.shed, t.tier, t.slo_class).inc()
+        if t.shed_reason == "over_share":
+            raise ApiError(429, f"the {t.tier} tier is overloaded and this tenant sends more than its share; "
+                           "retry shortly", code="over_share", headers={"Retry-After": "1"})
         raise ApiError(t.shed_status, f"the {t.tier} tier's admission queue is full; retry shortly",
                        code="queue_full" if t.shed_status == 429 else "overloaded", headers={"Retry-After": "1"})
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.schema import Policy
-from router.admission.gate import Gate, Ticket
+from router.admission.gate import Gate
+from router.admission.ticket import Ticket
 from router.lifecycle.core import Lifecycle, Pending
 from router.relay import Outcome
 from router.replay.sync import run_sync
@@ -54,8 +55,11 @@ class ReplayGate:
         if kind == "deadline":
             got = self.tickets.get(name)
             if got is not None and got[0].outcome == "":
-                self.gate.leave(got[0], "bypassed")
-                self._go(got[0], now)
+                self.gate.expire(got[0], now)
+                if got[0].outcome == "shed":
+                    self._shed(got[0])
+                else:
+                    self._go(got[0], now)
             return
         if self.wakes.get(name) != now:
             return                       # superseded
@@ -87,5 +91,5 @@ class ReplayGate:
 
     def _refused(self, t: Ticket, p: Pending) -> None:
         self.outcomes["shed"] = self.outcomes.get("shed", 0) + 1
-        self.refuse(t.shed_status, "queue_full" if t.shed_status == 429 else "overloaded")
+        self.refuse(t.shed_status, t.shed_reason or ("queue_full" if t.shed_status == 429 else "overloaded"))
         self.core.close_out(p, Outcome(status=t.shed_status, error="shed by the admission queue"))
