@@ -37,12 +37,12 @@ class BadStream(Exception):
 def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
     """Complete SSE events (each ending in a blank line) at the head of `buf`, and the rest."""
     events: list[bytes] = []
-    while True:
-        i = buf.find(b"\n\n")
-        if i < 0:
-            return events, buf
-        events.append(buf[: i + 2])
-        buf = buf[i + 2:]
+    start = 0
+    find = buf.find
+    while (i := find(b"\n\n", start)) >= 0:     # by index: the rest is copied once, not after every event
+        events.append(buf[start:i + 2])
+        start = i + 2
+    return events, (buf[start:] if start else buf)
 
 
 def check_event(event: bytes) -> Kind:
