@@ -23,7 +23,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,10 +138,13 @@ class Accountant:
         try:
             if self.store is None:
                 raise ConnectionError("no Redis configured")
-            async with asyncio.timeout(self.timeout_s):
-                adm = await self.store.admit(
+            store = self.store
+
+            async def call() -> Admission:
+                return await store.admit(
                     tenant, rid, rpm=spec.limits.rpm, tpm=spec.limits.tpm, tokens=tokens, reserve=reserve,
                     daily=daily, monthly=monthly, ttl_s=pol.accounting.reservation_ttl_s, flex=flex)
+            adm = await self._admit_call(call)
         except Exception as exc:
             self._store_failed(exc)
             try:
@@ -154,6 +157,31 @@ class Accountant:
         self.store_ok = True
         self.shares.pop(tenant, None)
         return self._admitted(tenant, spec, adm, daily, monthly)
+
+    async def _admit_call(self, call: Callable[[], Awaitable[Admission]]) -> Admission:
+        """The admission script with a short timeout; when that expires while the store was answering (its
+        last call succeeded), asked once more with the settle timeout. A timeout on a healthy store is
+        most often the event loop, busy with other requests, not Redis: it must not refuse a request that
+        Redis would admit. Safe to ask again: the script keys on the request id, and an id admitted by a
+        first run that outlived its timeout answers `dup` with what it granted. A store that is really
+        away fails the second wait too, and the next requests then wait only the short timeout."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await call()
+        except TimeoutError:
+            if not self.store_ok:
+                raise
+        try:
+            async with asyncio.timeout(self.settle_timeout_s):
+                adm = await call()
+        except BaseException:
+            self.metrics.child(self.metrics.admission_retries, "failed").inc()
+            raise
+        if adm.kind == "dup" and adm.detail != "open":   # released or settled meanwhile: not an admission
+            self.metrics.child(self.metrics.admission_retries, "failed").inc()
+            raise TimeoutError("admission answered dup for an id that is no longer open")
+        self.metrics.child(self.metrics.admission_retries, "ok").inc()
+        return adm
 
     def _admitted(self, tenant: str, spec: TenantSpec, adm: Admission, daily: int | None,
                   monthly: int | None) -> Admitted:

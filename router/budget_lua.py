@@ -82,13 +82,13 @@ end
 #   as long as at least least_tokens fit; the router then forwards `granted` as max_tokens.
 # -> {'ok', day_left, month_left, day_spent_or_reserved, month_spent_or_reserved, granted (-1: as asked),
 #     requests_in_window, tokens_in_window}
-#  | {'dup', state}
+#  | {'dup', state, granted (-1: as asked)}: the id was admitted before (a retry after a timeout)
 #  | {'rate', 'rpm'|'tpm', retry_ms}
 #  | {'budget', 'daily'|'monthly', left, retry_s}
 ADMIT = _COMMON + """
 local now = now_ms(ARGV[1])
 local st = redis.call('HGET', KEYS[1], 'st')
-if st then return {'dup', st} end
+if st then return {'dup', st, redis.call('HGET', KEYS[1], 'g') or '-1'} end
 local rpm, tpm, tokens = num(ARGV[3]), num(ARGV[4]), num(ARGV[5])
 local reserve, dlim, mlim = num(ARGV[6]), num(ARGV[7]), num(ARGV[8])
 local minute = math.floor(now / 60000)
@@ -131,7 +131,7 @@ redis.call('PEXPIRE', KEYS[2], 180000)
 redis.call('HINCRBY', KEYS[3], 'rd:' .. day, fmt(reserve))
 redis.call('HINCRBY', KEYS[3], 'rm:' .. mon, fmt(reserve))
 redis.call('HSET', KEYS[1], 'st', 'open', 'res', fmt(reserve), 'tok', fmt(tokens), 'd', day, 'm', mon,
-           'min', fmt(minute))
+           'min', fmt(minute), 'g', granted)
 redis.call('PEXPIRE', KEYS[1], num(ARGV[10]))
 redis.call('ZADD', KEYS[4], now + num(ARGV[9]), ARGV[2])
 return {'ok', fmt(dlim - dused - reserve), fmt(mlim - mused - reserve), fmt(dused + reserve),

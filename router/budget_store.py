@@ -189,7 +189,8 @@ def parse_admission(res: list[Any], daily: int | None, monthly: int | None) -> A
         return Admission(True, "ok", left_units=left, used_fraction=fr,
                          granted=granted if granted >= 0 else None, window_requests=wr, window_tokens=wt)
     if kind == "dup":
-        return Admission(True, "dup", _s(res[1]))
+        g = int(_s(res[2])) if len(res) > 2 else -1
+        return Admission(True, "dup", _s(res[1]), granted=g if g >= 0 else None)
     if kind == "rate":
         return Admission(False, "rate", _s(res[1]), retry_after_s=int(res[2]) / 1000)
     return Admission(False, "budget", _s(res[1]), left_units=max(0, int(_s(res[2]))),

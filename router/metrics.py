@@ -86,6 +86,10 @@ class RouterMetrics:
                                  ["tier", "instance", "kind"], registry=r)
         self.load_sync = Counter("tiergate_load_sync", "Syncs of per-instance load with the other replicas.",
                                  ["result"], registry=r)
+        self.admission_retries = Counter("tiergate_admission_retries", "Budget admissions asked again after a "
+                                         "timeout while the store was healthy (result: ok, failed): the first "
+                                         "wait is short, and a loaded event loop can outlast it.", ["result"],
+                                         registry=r)
         self.admissions = Counter("tiergate_admissions", "Admission decisions by tenant and result (admitted, "
                                   "rate_limited, budget_exceeded, store_unavailable_rejected, "
                                   "store_unavailable_allowed).",

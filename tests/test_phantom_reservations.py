@@ -86,3 +86,25 @@ async def test_release_blocks_an_admission_that_arrives_late(redis_url: str) -> 
         assert (await store.status(tenant))["reserved_day"] == 0
     finally:
         await client.aclose()
+
+
+async def test_a_timeout_on_a_healthy_store_is_asked_again_not_refused(tmp_path: Path, redis_url: str) -> None:
+    """The short admission timeout expires (here: at once) while Redis answers: the event loop, busy with
+    other requests, outlasted it. A `reject` tenant's request must be admitted on the second ask, reserved
+    exactly once, with no 503."""
+    tag = uuid.uuid4().hex[:6]
+    pol = policy(tag)
+    tenant = f"strict-{tag}"
+    client = make_redis(redis_url, 2.0)
+    store = BudgetStore(client)
+    metrics = RouterMetrics()
+    acct = Accountant(pol, store, Journal(tmp_path / "journal"), metrics, timeout_s=1e-9, settle_timeout_s=2.0)
+    try:
+        got = await asyncio.gather(*(acct.admit(tenant, f"r{i}", 100, 1_000, pol) for i in range(8)))
+        assert all(g.granted is None for g in got)
+        st = await store.status(tenant)
+        assert st["reserved_day"] == 8 * 1_000                        # each reserved once, none twice
+        assert metrics.child(metrics.admission_retries, "ok")._value.get() == 8   # type: ignore[attr-defined]
+    finally:
+        await acct.drain()
+        await client.aclose()

@@ -63,6 +63,8 @@ async def test_budget_reserve_settle_idempotent_and_flexible(kind: str, redis: a
     flex = FlexBudget(prompt_units=100, units_per_token=10, wanted=50, least=16)   # 600 wanted, 400 left
     g = await store.admit(t, "c", reserve=600, flex=flex, **kw)
     assert g.ok and g.granted == 30 and g.left_units == 0                          # 100 + 30 x 10 = 400
+    again = await store.admit(t, "c", reserve=600, flex=flex, **kw)               # a retry after a timeout
+    assert (again.ok, again.kind, again.detail, again.granted) == (True, "dup", "open", 30)
     assert await store.settle(t, "a", usage(250, clock.ms)) == "open"
     assert await store.settle(t, "a", usage(250, clock.ms)) == "dup"               # billed once
     st = await store.status(t)

@@ -159,7 +159,7 @@ class MemoryBudgetStore:
         t = self._tenant(tenant)
         q = self._q(t, rid, now)
         if q is not None and "st" in q:
-            return ["dup", q["st"]]
+            return ["dup", q["st"], q.get("g", -1)]
         w = self._w(t, now)
         minute = now // 60000
         weight = 1 - (now % 60000) / 60000
@@ -203,7 +203,8 @@ class MemoryBudgetStore:
         t.w.expires_at = now + 180000
         b["rd:" + day] = b.get("rd:" + day, 0) + reserve
         b["rm:" + mon] = b.get("rm:" + mon, 0) + reserve
-        self._q_write(t, rid, now, {"st": "open", "res": reserve, "tok": tokens, "d": day, "m": mon, "min": minute})
+        self._q_write(t, rid, now, {"st": "open", "res": reserve, "tok": tokens, "d": day, "m": mon, "min": minute,
+                                     "g": granted})
         score = now + ttl_ms
         t.open[rid] = score
         heapq.heappush(t.open_heap, (score, rid))
