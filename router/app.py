@@ -107,7 +107,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     gw = Gateway(policy, registry, client, metrics, tokenizers, executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
                  affinity_store=aff_store, accountant=accountant, records=records, shadow=shadow,
-                 explain_max_candidates=settings.explain_max_candidates, gate=gate)
+                 explain_max_candidates=settings.explain_max_candidates, gate=gate, load_sync=load_sync)
     drain = drain or DrainController(settings.drain_grace_s, settings.drain_timeout_s)
     gw.forwarder.cuts = drain.cuts  # streams the drain may cut at its deadline
     gw.forwarder.deadlines = Deadlines.from_settings(settings)   # first byte and stall (router/deadlines.py)

@@ -12,6 +12,7 @@ gather and decide exactly as a live request, no admission and no forwarding), th
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from router.explain import decision_doc, header_value, wants_explain, with_expla
 from router.lifecycle.core import Lifecycle, Pending, allowed_models
 from router.lifecycle.records import RecordSink
 from router.live_policy import PolicyView, build_view
+from router.load_sync import LoadSync
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 from router.proxy import Forwarder, Outcome
@@ -82,7 +84,7 @@ class Gateway:
                  expose_decision: bool = False, affinity_store: AffinityStore | None = None,
                  accountant: Accountant | None = None, records: RecordSink | None = None,
                  shadow: Shadow | None = None, explain_max_candidates: int = 16,
-                 gate: LiveGate | None = None) -> None:
+                 gate: LiveGate | None = None, load_sync: LoadSync | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self.view = build_view(policy, registry, tokenizers, executor, affinity_store)  # swapped on reload
@@ -96,6 +98,7 @@ class Gateway:
                               log=self.log, records=records)
         self.shadow = shadow
         self.gate = gate
+        self.load_sync = load_sync
         self.explain_max_candidates = explain_max_candidates
 
     @property
@@ -175,7 +178,11 @@ class Gateway:
         counts = {t: len(v) for t, v in ids.items()}
         hashes = await v.affinity.hashes(tiers, ids)
         p = core.start(v, rid, tenant, route_name, tiers, tenant_tiers, counts, req.completion_limit, slo, t0)
-        await core.gather(p, hashes)
+        ls = self.load_sync
+        if ls is not None and ls.needs_refresh():   # idle until now: the peers' load, beside the lookup
+            await asyncio.gather(core.gather(p, hashes), ls.refresh())
+        else:
+            await core.gather(p, hashes)
         return body, req, p, hashes
 
     def explain(self, v: PolicyView, p: Pending, decision: RoutingDecision) -> dict[str, Any]:

@@ -12,7 +12,15 @@ Every `interval_s` (default 50 ms) one EVALSHA
 The sum of the peers' counts lands in `InstanceState.peer_*`, and `Registry.candidates`
 adds it to the local counts the policies see (`bounded_load`, `load`, `slo_feasible`).
 
-Staleness: a peer's dispatches become visible within one interval plus a round trip.
+Idle: when this replica has no load, served nothing since its last sync, sent no load then, and that
+sync saw none from its peers, the tick skips Redis (it only looks at its own counts) for up to `idle_s`
+(default 1 s); a dispatch or a served request makes the next tick sync again, and a request that
+arrives meanwhile asks for one sync beside its own affinity lookup (`refresh`), so its decision sees
+the peers' load as fresh as a busy replica's. An idle fleet then costs one EVALSHA a second per replica,
+not twenty.
+
+Staleness: a peer's dispatches become visible within one interval plus a round trip (within `idle_s`
+to a replica that is idle itself, and so routes nothing on them).
 Failure mode: fails open to local counts. Each sync has a short timeout; on failure the
 last peer counts are kept until they are `stale_ms` old, then dropped, and the
 failure is counted (`tiergate_load_sync_total{result}`). A sync never blocks a request:
@@ -58,7 +66,7 @@ _enc = msgspec.json.Encoder()
 
 class LoadSync:
     def __init__(self, redis: aioredis.Redis, registry: Registry, replica_id: str, *, interval_s: float = 0.05,
-                 timeout_s: float = 0.05, stale_s: float = 2.0,
+                 timeout_s: float = 0.05, stale_s: float = 2.0, idle_s: float = 1.0,
                  on_result: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = redis
         self.registry = registry
@@ -69,6 +77,9 @@ class LoadSync:
         self.on_result = on_result or (lambda _r: None)
         self.clock = clock
         self.last_ok: float | None = None
+        self.idle_s = min(idle_s, stale_s / 2)
+        self._quiet = False          # the last sync sent no load and got none back
+        self._served = -1            # the instances' served requests at the last sync
         self._script: Any = redis.register_script(_SYNC)
 
     def local_counts(self) -> bytes:
@@ -93,18 +104,40 @@ class LoadSync:
             fl, pr, pt = total.get(f"{inst.tier}/{inst.instance_id}", (0, 0, 0))
             inst.peer_in_flight, inst.peer_pending_requests, inst.peer_pending_tokens = fl, pr, pt
 
+    def idle(self, local: bytes, served: int) -> bool:
+        """Nothing to send, nothing served and nothing heard since the last sync, which is younger than
+        `idle_s`: skip this tick."""
+        return (local == b"{}" and self._quiet and served == self._served and self.last_ok is not None
+                and self.clock() - self.last_ok < self.idle_s)
+
+    def needs_refresh(self) -> bool:
+        """The ticks are skipping Redis (idle) and the last sync is older than an interval."""
+        return self._quiet and self.last_ok is not None and self.clock() - self.last_ok >= self.interval_s
+
+    async def refresh(self) -> None:
+        """One sync now, for a request that arrives while the replica is idle (never raises)."""
+        self._quiet = False
+        await self.sync_once()
+
     async def sync_once(self) -> bool:
+        local = self.local_counts()
+        served = sum(i.served for i in self.registry.all_instances())
+        if self.idle(local, served):
+            return True
+        self._served = served
         try:
             async with asyncio.timeout(self.timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
                 peers = await self._script(
-                    keys=[KEY], args=[self.replica_id, self.local_counts(), int(self.stale_s * 1000)])
+                    keys=[KEY], args=[self.replica_id, local, int(self.stale_s * 1000)])
         except Exception:  # fail open to local counts; old peer counts age out below
             self.on_result("error")
             if self.last_ok is not None and self.clock() - self.last_ok > self.stale_s:
                 self.apply([])
                 self.last_ok = None
             return False
-        self.apply(list(peers))
+        got = list(peers)
+        self._quiet = local == b"{}" and not any(p != b"{}" for p in got)
+        self.apply(got)
         self.last_ok = self.clock()
         self.on_result("ok")
         return True

@@ -183,3 +183,45 @@ async def test_the_sync_loop_stops_on_cancel_wherever_the_cancel_lands(tmp_path:
     finally:
         await close_redis(r)
         server.stop()
+
+
+async def test_an_idle_replica_skips_redis_until_it_or_idle_s_says_otherwise(redis: aioredis.Redis) -> None:
+    now = [100.0]
+    regs = [Registry(load_policy(DEMO), URLS) for _ in range(2)]
+    results: list[str] = []
+    idle = LoadSync(redis, regs[0], "idle", idle_s=1.0, clock=lambda: now[0], on_result=results.append)
+    busy = LoadSync(redis, regs[1], "busy")
+    assert await idle.sync_once() and results == ["ok"]         # the first tick always asks
+    assert await idle.sync_once() and results == ["ok"]         # nothing sent, nothing heard: skipped
+    b0 = regs[1].tiers["fast"].instances[0]
+    b0.in_flight, b0.pending_requests, b0.pending_tokens = 2, 1, 300
+    assert await busy.sync_once()
+    now[0] += 0.5
+    assert await idle.sync_once() and cand(regs[0], "fast/i0") == (0, 0, 0) and results == ["ok"]
+    now[0] += 0.6                                                # idle_s passed: it asks, and hears the peer
+    assert await idle.sync_once() and cand(regs[0], "fast/i0") == (2, 1, 300) and results == ["ok", "ok"]
+    assert await idle.sync_once() and results == ["ok"] * 3     # it heard load: every tick asks again
+    b0.in_flight = b0.pending_requests = b0.pending_tokens = 0
+    assert await busy.sync_once() and await idle.sync_once() and results == ["ok"] * 4
+    assert cand(regs[0], "fast/i0") == (0, 0, 0)
+    assert await idle.sync_once() and results == ["ok"] * 4     # quiet again: skipped
+    regs[0].tiers["fast"].instances[1].in_flight = 1             # its own first dispatch: the next tick asks
+    assert await idle.sync_once() and results == ["ok"] * 5
+
+
+async def test_a_request_at_an_idle_replica_refreshes_the_peers_load_once(redis: aioredis.Redis) -> None:
+    now = [100.0]
+    regs = [Registry(load_policy(DEMO), URLS) for _ in range(2)]
+    results: list[str] = []
+    idle = LoadSync(redis, regs[0], "idle", interval_s=0.05, idle_s=1.0, clock=lambda: now[0],
+                    on_result=results.append)
+    busy = LoadSync(redis, regs[1], "busy")
+    assert await idle.sync_once() and not idle.needs_refresh()   # quiet, but the sync is fresh
+    b0 = regs[1].tiers["fast"].instances[0]
+    b0.in_flight = 3
+    assert await busy.sync_once()
+    now[0] += 0.2
+    assert await idle.sync_once() and results == ["ok"]          # a tick: skipped
+    assert idle.needs_refresh()                                  # a request arrives: it asks once
+    await idle.refresh()
+    assert results == ["ok", "ok"] and cand(regs[0], "fast/i0") == (3, 0, 0) and not idle.needs_refresh()
