@@ -7,7 +7,7 @@ PORT ?= 8000
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test lint typecheck check bench-overhead bench-sim bench-affinity bench-routing bench-failover \
-	bench-accounting bench-reload bench-hardening bench-windows clean
+	bench-accounting bench-reload bench-hardening bench-windows bench-peers clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ check: lint typecheck test ## lint, typecheck and test
 
 bench-overhead: $(STAMP) ## router overhead vs direct (bench/overhead.py)
 	$(BIN)/python bench/overhead.py
+
+bench-peers: $(STAMP) ## tiergate vs sglang-router, vllm-router, aiohttp pass-through, nginx, direct (bench/peers.py)
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python bench/peers.py
 
 bench-affinity: $(STAMP) ## prefix affinity vs round robin, least-loaded, sglang-router (bench/affinity.py)
 	$(BIN)/pip install -q -e ".[dev,bench]"
