@@ -48,10 +48,13 @@ _FIELDS = {
 }
 
 
+_WANTED = (*_FIELDS, "vllm:cache_config_info")   # a line is matched only if it starts with one of these
+
+
 def parse_vllm_metrics(text: str) -> InstanceSignals:
     sig = InstanceSignals()
     for line in text.splitlines():
-        if not line.startswith("vllm:"):
+        if not line.startswith(_WANTED):   # histogram buckets and the rest: skipped before the regex
             continue
         m = _SAMPLE.match(line)
         if m is None:

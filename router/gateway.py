@@ -183,6 +183,8 @@ class Gateway:
             await asyncio.gather(core.gather(p, hashes), ls.refresh())
         else:
             await core.gather(p, hashes)
+            if ls is not None:
+                ls.wake()
         return body, req, p, hashes
 
     def explain(self, v: PolicyView, p: Pending, decision: RoutingDecision) -> dict[str, Any]:

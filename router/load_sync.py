@@ -13,11 +13,11 @@ The sum of the peers' counts lands in `InstanceState.peer_*`, and `Registry.cand
 adds it to the local counts the policies see (`bounded_load`, `load`, `slo_feasible`).
 
 Idle: when this replica has no load, served nothing since its last sync, sent no load then, and that
-sync saw none from its peers, the tick skips Redis (it only looks at its own counts) for up to `idle_s`
-(default 1 s); a dispatch or a served request makes the next tick sync again, and a request that
-arrives meanwhile asks for one sync beside its own affinity lookup (`refresh`), so its decision sees
-the peers' load as fresh as a busy replica's. An idle fleet then costs one EVALSHA a second per replica,
-not twenty.
+sync saw none from its peers, the loop sleeps `idle_s` (default 1 s) between syncs instead of
+`interval_s`. A request that arrives meanwhile wakes it (`wake`), and when the last sync is older than
+an interval asks for one beside its own affinity lookup (`refresh`), so its decision sees the peers'
+load as fresh as a busy replica's; the loop then syncs every interval until it is quiet again. An idle
+fleet costs one EVALSHA a second per replica, not twenty.
 
 Staleness: a peer's dispatches become visible within one interval plus a round trip (within `idle_s`
 to a replica that is idle itself, and so routes nothing on them).
@@ -30,6 +30,7 @@ it runs in its own lifespan-owned task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -80,6 +81,8 @@ class LoadSync:
         self.idle_s = min(idle_s, stale_s / 2)
         self._quiet = False          # the last sync sent no load and got none back
         self._served = -1            # the instances' served requests at the last sync
+        self._kick: asyncio.Event | None = None
+        self._busy_until = 0.0       # a request arrived: sync every interval at least until then
         self._script: Any = redis.register_script(_SYNC)
 
     def local_counts(self) -> bytes:
@@ -116,8 +119,17 @@ class LoadSync:
 
     async def refresh(self) -> None:
         """One sync now, for a request that arrives while the replica is idle (never raises)."""
-        self._quiet = False
+        self.wake()
         await self.sync_once()
+
+    def wake(self) -> None:
+        """A request arrived: the loop syncs every interval for at least `idle_s` (its dispatch, made after
+        this, reaches the peers within an interval)."""
+        self._busy_until = self.clock() + self.idle_s
+        if self._quiet:
+            self._quiet = False
+            if self._kick is not None:
+                self._kick.set()
 
     async def sync_once(self) -> bool:
         local = self.local_counts()
@@ -136,7 +148,7 @@ class LoadSync:
                 self.last_ok = None
             return False
         got = list(peers)
-        self._quiet = local == b"{}" and not any(p != b"{}" for p in got)
+        self._quiet = local == b"{}" and not any(p != b"{}" for p in got) and self.clock() >= self._busy_until
         self.apply(got)
         self.last_ok = self.clock()
         self.on_result("ok")
@@ -144,13 +156,17 @@ class LoadSync:
 
     async def run(self) -> None:
         task = asyncio.current_task()
+        kick = self._kick = asyncio.Event()
         while True:
             await self.sync_once()
             if task is not None and task.cancelling():
                 # a cancel that arrived inside the Redis call and came out as an error (caught above, to
                 # fail open) must still stop the loop: seen as `shutdown_tasks_stuck: load-sync`
                 raise asyncio.CancelledError
-            await asyncio.sleep(self.interval_s)
+            kick.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.idle_s if self._quiet else self.interval_s):
+                    await kick.wait()
 
     async def leave(self) -> None:
         """Remove this replica's counts at shutdown (a crash leaves them to expire after `stale_s`)."""
