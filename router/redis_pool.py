@@ -14,6 +14,7 @@ import contextlib
 import weakref
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -48,10 +49,29 @@ class ClosingPool(aioredis.ConnectionPool):
                     await conn.disconnect(nowait=True)
 
 
+class PackedConnection(aioredis.Connection):
+    """A TCP connection that packs commands with hiredis (redis-py's asyncio connection packs in Python)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if not args or not isinstance(args[0], str) or " " in args[0]:
+            return super().pack_command(*args)        # "CONFIG GET"-style names: redis-py splits them
+        return [hiredis.pack_command(args)]
+
+
+SOCKET_BACKSTOP_S = 2.0   # the socket timeout of every read and send: a backstop above every caller's own
+
+
 def make_redis(url: str, timeout_s: float) -> aioredis.Redis:
-    """Hot-path Redis: short timeouts and no retries, so a sick Redis can't stall requests."""
-    pool = ClosingPool.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=max(timeout_s, 0.2),
+    """The router's Redis: no retries, so a sick Redis can't stall requests. Each hot-path call is bounded by
+    its caller's own deadline (`asyncio.timeout`: affinity, admission, windows, load sync, settlement); the
+    socket timeout is only a backstop (`SOCKET_BACKSTOP_S`) for calls that have none (admin reads). It was
+    `timeout_s` (50 ms) before: that cut settlements (1 s budget) and the admission's second ask at 50 ms,
+    and cost a task per send (redis-py wraps each send in wait_for when a socket timeout is set).
+    `timeout_s` bounds connecting."""
+    pool = ClosingPool.from_url(url, socket_timeout=SOCKET_BACKSTOP_S, socket_connect_timeout=max(timeout_s, 0.2),
                                 retry_on_timeout=False, retry=None, health_check_interval=0)
+    if pool.connection_class is aioredis.Connection:
+        pool.connection_class = PackedConnection
     return aioredis.Redis.from_pool(pool)
 
 
