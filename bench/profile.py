@@ -7,7 +7,7 @@ short non-streamed chats (or streams) at --conc for --seconds, and records the r
 including callees (in the router's own files and overall), as shares of the samples, and writes the
 raw stacks to --out for a flame graph (e.g. `py-spy record -f speedscope`, or inferno over the raw file).
 
-Usage: python bench/profile.py [--seconds 10] [--conc 16] [--stream-chunks 0] [--out profile.raw]
+Usage: python bench/profile.py [--seconds 10] [--conc 16] [--stream-chunks 0] [--gap-ms 2] [--out profile.raw]
 Needs: py-spy (pip install py-spy); Redis at BENCH_REDIS_URL (default redis://127.0.0.1:6379/14).
 """
 
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--conc", type=int, default=16)
     ap.add_argument("--stream-chunks", type=int, default=0, help="0: short non-streamed chats; N: streams of N")
+    ap.add_argument("--gap-ms", type=int, default=2, help="ms between stream chunks (0: back to back)")
     ap.add_argument("--out", default="profile.raw")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
@@ -83,7 +84,7 @@ def main() -> None:
             raise RuntimeError("tiergate did not become ready")
         assert r.proc is not None
         if args.stream_chunks:
-            body = peers.STREAM % (r.model, args.stream_chunks, args.stream_chunks, 0)
+            body = peers.STREAM % (r.model, args.stream_chunks, args.stream_chunks, args.gap_ms)
         else:
             body = peers.SHORT % r.model
         asyncio.run(peers.run_load(r, body, args.conc, 2.0, bool(args.stream_chunks), lambda: 0.0))  # warm up
