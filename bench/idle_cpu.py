@@ -23,13 +23,8 @@ sys.path.insert(0, str(ROOT))
 from backends.health import wait_http_ok  # noqa: E402
 from backends.valkey import free_port  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK        # utime + stime
+sys.path.insert(0, str(ROOT / "bench"))
+from overhead import cpu_seconds  # noqa: E402
 
 
 def children(pid: int) -> dict[int, str]:
@@ -64,10 +59,10 @@ def main() -> None:
         kids = children(proc.pid)
         load0 = os.getloadavg()[0]
         t0 = time.monotonic()
-        c0 = {pid: cpu_s(pid) for pid in [proc.pid, *kids]}
+        c0 = {pid: cpu_seconds(pid) for pid in [proc.pid, *kids]}
         time.sleep(args.seconds)
         dt = time.monotonic() - t0
-        c1 = {pid: cpu_s(pid) for pid in c0}
+        c1 = {pid: cpu_seconds(pid) for pid in c0}
         print(f"idle window {dt:.1f} s, load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
         print(f"  router (tiergate serve)  {1000 * (c1[proc.pid] - c0[proc.pid]) / dt:7.2f} ms CPU per second")
         for pid, cmd in kids.items():

@@ -63,14 +63,15 @@ sys.path.insert(0, str(ROOT))
 from backends.health import wait_http_ok  # noqa: E402
 from backends.valkey import free_port  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from overhead import KEY, KEY_HASH, SHORT  # noqa: E402  (the same demo key and short chat as overhead.py)
+from overhead import cpu_seconds as pid_cpu  # noqa: E402
+
 ROUTER_CPU, LOAD_CPU = 0, 1
 ALL = ("direct", "nginx", "sglang-router", "vllm-router", "aiohttp-passthrough", "tiergate")
 PEERS = ("sglang-router", "vllm-router", "aiohttp-passthrough")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
-KEY = "sk-tiergate-demo"
-KEY_HASH = "a76e8169f2e4051531cdd24753d163ed3cc01d9208b14606f88055b404f4c13f"
-SHORT = b'{"model":"%s","max_tokens":16,"messages":[{"role":"user","content":"Write a haiku about routers."}]}'
 STREAM = (b'{"model":"%s","max_tokens":%d,"stream":true,'
           b'"messages":[{"role":"user","content":"peers-stream n=%d gap=%d"}]}')
 JSON = {"content-type": "application/json"}
@@ -167,11 +168,6 @@ def threads_delta_s(before: dict[tuple[int, int], int], after: dict[tuple[int, i
     """CPU seconds between two readings: threads born in between count whole; threads that ended in between
     are lost (their share of the window only)."""
     return sum(ns - before.get(k, 0) for k, ns in after.items()) / 1e9
-
-
-def pid_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def core_times() -> dict[int, tuple[int, int]]:

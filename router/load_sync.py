@@ -12,8 +12,8 @@ Every `interval_s` (default 50 ms) one EVALSHA
 The sum of the peers' counts lands in `InstanceState.peer_*`, and `Registry.candidates`
 adds it to the local counts the policies see (`bounded_load`, `load`, `slo_feasible`).
 
-Idle: when this replica has no load, served nothing since its last sync, sent no load then, and that
-sync saw none from its peers, the loop sleeps `idle_s` (default 1 s) between syncs instead of
+Idle: when this replica has no load, sent none at its last sync, that sync saw none from its peers, and
+no request arrived in the last `idle_s`, the loop sleeps `idle_s` (default 1 s) between syncs instead of
 `interval_s`. A request that arrives meanwhile wakes it (`wake`), and when the last sync is older than
 an interval asks for one beside its own affinity lookup (`refresh`), so its decision sees the peers'
 load as fresh as a busy replica's; the loop then syncs every interval until it is quiet again. An idle
@@ -80,7 +80,6 @@ class LoadSync:
         self.last_ok: float | None = None
         self.idle_s = min(idle_s, stale_s / 2)
         self._quiet = False          # the last sync sent no load and got none back
-        self._served = -1            # the instances' served requests at the last sync
         self._kick: asyncio.Event | None = None
         self._busy_until = 0.0       # a request arrived: sync every interval at least until then
         self._script: Any = redis.register_script(_SYNC)
@@ -107,10 +106,10 @@ class LoadSync:
             fl, pr, pt = total.get(f"{inst.tier}/{inst.instance_id}", (0, 0, 0))
             inst.peer_in_flight, inst.peer_pending_requests, inst.peer_pending_tokens = fl, pr, pt
 
-    def idle(self, local: bytes, served: int) -> bool:
-        """Nothing to send, nothing served and nothing heard since the last sync, which is younger than
-        `idle_s`: skip this tick."""
-        return (local == b"{}" and self._quiet and served == self._served and self.last_ok is not None
+    def idle(self, local: bytes) -> bool:
+        """Nothing to send and nothing heard (`wake` clears that when a request arrives), and the last sync
+        is younger than `idle_s`: skip this tick."""
+        return (local == b"{}" and self._quiet and self.last_ok is not None
                 and self.clock() - self.last_ok < self.idle_s)
 
     def needs_refresh(self) -> bool:
@@ -133,10 +132,8 @@ class LoadSync:
 
     async def sync_once(self) -> bool:
         local = self.local_counts()
-        served = sum(i.served for i in self.registry.all_instances())
-        if self.idle(local, served):
+        if self.idle(local):
             return True
-        self._served = served
         try:
             async with asyncio.timeout(self.timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
                 peers = await self._script(

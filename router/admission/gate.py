@@ -281,12 +281,13 @@ class Gate:
             return
         victim = shed.payload
         status = 429 if shed.priority == w.priority and shed.batch == w.batch else 503
+        reason = "queue_full" if status == 429 else "overloaded"
         self.on_event("shed", t.tier, 1.0)
         for v in victim.members or [victim]:
-            v.outcome, v.shed_status = "shed", status
+            v.outcome, v.shed_status, v.shed_reason = "shed", status, reason
             if v is not t:
                 self.notify(v)
-        victim.outcome, victim.shed_status = "shed", status
+        victim.outcome, victim.shed_status, victim.shed_reason = "shed", status, reason
 
     def leave(self, t: Ticket, outcome: str) -> None:
         """`t` stops waiting: its deadline passed (bypassed) or its client went away (left)."""
@@ -376,13 +377,12 @@ class Gate:
             level = self.level(t)
             if again is not None and again.chosen is not None and t.members:
                 again = self._batch_target(again, now)   # a batch: the best instance open and under the threshold
-            if again is None or again.chosen is None or (level >= 0 and not self.is_open(again.chosen.key, now)) \
-                    or not (t.members or self.has_room(again.chosen)):
-                if again is None or again.chosen is None or t.members or not self.has_room(again.chosen):
-                    # nothing to bind to now: look again shortly
+            c = again.chosen if again is not None else None
+            full = c is not None and not t.members and not self.has_room(c)
+            if again is None or c is None or full or (level >= 0 and not self.is_open(c.key, now)):
+                if c is None or full or t.members:    # nothing to bind to now: look again shortly
                     self.retry_at[tier] = now + self.spec.min_window_ms / 1000.0
                 break
-            c = again.chosen
             if not (await self.take(c, t.cost_of(c), now, level)).ok:
                 break
             self.given[c.key] = self.given.get(c.key, 0) + max(1, len(t.members))

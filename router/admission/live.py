@@ -105,7 +105,7 @@ class LiveGate:
             raise ApiError(429, f"the {t.tier} tier is overloaded and this tenant sends more than its share; "
                            "retry shortly", code="over_share", headers={"Retry-After": "1"})
         raise ApiError(t.shed_status, f"the {t.tier} tier's admission queue is full; retry shortly",
-                       code="queue_full" if t.shed_status == 429 else "overloaded", headers={"Retry-After": "1"})
+                       code=t.shed_reason, headers={"Retry-After": "1"})
 
     async def run(self) -> None:
         """Walk each queue at its windows' openings, until cancelled (the lifespan owns this task)."""

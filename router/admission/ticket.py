@@ -35,4 +35,4 @@ class Ticket:
     priority: int = 0                 # its class's
     weight: float = 1.0               # its tenant's share
     tenant: str = ""
-    shed_reason: str = ""          # why it was shed: queue_full | over_share
+    shed_reason: str = ""          # why it was shed (the error code): queue_full | overloaded | over_share

@@ -91,5 +91,5 @@ class ReplayGate:
 
     def _refused(self, t: Ticket, p: Pending) -> None:
         self.outcomes["shed"] = self.outcomes.get("shed", 0) + 1
-        self.refuse(t.shed_status, t.shed_reason or ("queue_full" if t.shed_status == 429 else "overloaded"))
+        self.refuse(t.shed_status, t.shed_reason)
         self.core.close_out(p, Outcome(status=t.shed_status, error="shed by the admission queue"))
