@@ -41,13 +41,15 @@ def die_with_parent(argv: Sequence[str]) -> list[str]:
 
 
 def start_child(argv: Sequence[str], *, stdout: IO[Any] | int | None = subprocess.DEVNULL,
-                stderr: IO[Any] | int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    """Start a child that dies with this process, in its own process group (see the module doc)."""
+                stderr: IO[Any] | int | None = subprocess.DEVNULL, env: dict[str, str] | None = None,
+                pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """Start a child that dies with this process, in its own process group (see the module doc).
+    `pass_fds`: descriptors the child inherits (a router worker's listening socket)."""
     program = argv[0]
     if os.sep not in program:  # execv takes no PATH search
         program = shutil.which(program) or program
     return subprocess.Popen(die_with_parent([program, *argv[1:]]), stdout=stdout, stderr=stderr,
-                            process_group=0)
+                            process_group=0, env=env, pass_fds=tuple(pass_fds))
 
 
 def stop_children(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 5.0) -> None:

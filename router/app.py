@@ -42,7 +42,7 @@ from router.limits import RequestLimits
 from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
 from router.logs import get_logger
-from router.metrics import RouterMetrics, tenant_labeler
+from router.metrics import RouterMetrics, instance_gauges_forever, tenant_labeler, write_instance_gauges
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
 from router.redis_pool import close_redis, make_redis
@@ -177,6 +177,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             tasks.append(asyncio.create_task(recorder.run(), name="trace-record"))
         if load_sync is not None:
             tasks.append(asyncio.create_task(load_sync.run(), name="load-sync"))
+        if metrics.multiprocess:   # one of `tiergate serve --workers N` (router/workers.py)
+            tasks.append(asyncio.create_task(instance_gauges_forever(metrics, registry), name="instance-gauges"))
         if records is not None:
             tasks.append(asyncio.create_task(records.run(), name="decision-records"))
         if shadow is not None and settings.policy_reload_interval_s > 0:
@@ -287,11 +289,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             denied = metrics_denied(request)
             if denied is not None:
                 return denied
-        metrics.in_flight.clear()  # written afresh from the registry: an instance a reload removed leaves no series
-        metrics.healthy.clear()
-        for inst in registry.all_instances():
-            metrics.in_flight.labels(inst.tier, inst.instance_id).set(inst.in_flight)
-            metrics.healthy.labels(inst.tier, inst.instance_id).set(1 if inst.serving(registry.clock()) else 0)
+        write_instance_gauges(metrics, registry)
         return Response(content=metrics.render(), media_type="text/plain; version=0.0.4")
 
     def metrics_denied(request: Request[Any, Any, Any]) -> Response[bytes] | None:

@@ -10,6 +10,14 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+
+    from policies.schema import InstanceSpec
+    from router.drain import DrainController, DrainingServer
+    from router.settings import Settings
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -38,20 +46,58 @@ def _exit_now(sig: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + sig)   # unwinds through `finally`, which stops the children
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _server(settings: Settings, app: Litestar, drain: DrainController) -> DrainingServer:
+    """uvicorn as `tiergate serve` runs it: uvloop, httptools with header/body limits, drain on SIGTERM."""
     import uvicorn
 
+    from router.drain import DrainingServer
+    from router.http_limits import HttpLimits, protocol_class
+
+    return DrainingServer(uvicorn.Config(
+        app, host=settings.host, port=settings.port, loop="uvloop", log_level="warning",
+        http=protocol_class(HttpLimits.from_settings(settings)),  # httptools + header/body limits
+        timeout_keep_alive=settings.http_keep_alive_timeout_s,
+        limit_concurrency=settings.http_limit_concurrency or None,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        access_log=False, lifespan="on", timeout_graceful_shutdown=2), drain)
+
+
+def _serve_worker(args: argparse.Namespace) -> int:
+    """One of `--workers N`'s processes (router/workers.py): settings from the supervisor's environment."""
+    from policies.schema import load_policy
+    from router.app import create_app
+    from router.drain import DrainController
+    from router.logs import configure_logging
+    from router.settings import Settings
+    from router.workers import load_instances, worker_socket
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    sock = worker_socket(args.worker_fd)
+    drain = DrainController(settings.drain_grace_s, settings.drain_timeout_s)
+    app = create_app(settings, policy=load_policy(settings.policy_path),
+                     instance_urls=load_instances(args.worker_instances), watch_policy=True, drain=drain)
+    server = _server(settings, app, drain)
+    server.run(sockets=[sock])
+    return 1 if server.force_exit else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
     from policies.schema import PolicyError, load_policy
     from router.app import create_app
-    from router.drain import DrainController, DrainingServer
-    from router.http_limits import HttpLimits, protocol_class
+    from router.drain import DrainController
     from router.logs import configure_logging, get_logger
     from router.settings import Settings
     from router.stack import EmbeddedStack
 
+    if args.worker_fd is not None:
+        return _serve_worker(args)
     settings = Settings.from_env(policy_path=args.policy, host=args.host, port=args.port, redis_url=args.redis_url,
-                                 http_client=args.http_client)
+                                 http_client=args.http_client, workers=args.workers)
     configure_logging(settings.log_level)
+    if settings.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
     try:
         policy = load_policy(settings.policy_path)
     except PolicyError as exc:
@@ -71,17 +117,13 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.redis_url is None:
             settings.redis_url = stack.start_valkey()
         urls = stack.start_sims(policy, settings.host if settings.host != "0.0.0.0" else "127.0.0.1")
-        app = create_app(settings, policy=policy, instance_urls=urls, watch_policy=True, drain=drain)
         get_logger("tiergate").info("listening", url=f"http://{settings.host}:{settings.port}",
                                     redis="embedded" if stack.valkey else "external",
-                                    simulated_tiers=sorted(urls), children=stack.pids())
-        server = DrainingServer(uvicorn.Config(
-            app, host=settings.host, port=settings.port, loop="uvloop", log_level="warning",
-            http=protocol_class(HttpLimits.from_settings(settings)),  # httptools + header/body limits
-            timeout_keep_alive=settings.http_keep_alive_timeout_s,
-            limit_concurrency=settings.http_limit_concurrency or None,
-            h11_max_incomplete_event_size=settings.http_max_header_bytes,
-            access_log=False, lifespan="on", timeout_graceful_shutdown=2), drain)
+                                    simulated_tiers=sorted(urls), children=stack.pids(), workers=settings.workers)
+        if settings.workers > 1:
+            return _supervise(settings, sock, urls)
+        app = create_app(settings, policy=policy, instance_urls=urls, watch_policy=True, drain=drain)
+        server = _server(settings, app, drain)
         server.run(sockets=[sock])
         return 1 if server.force_exit else 0
     except KeyboardInterrupt:   # Ctrl-C before the server took over its signals
@@ -91,6 +133,19 @@ def _serve(args: argparse.Namespace) -> int:
         stack.stop()
         sock.close()
         get_logger("tiergate").info("stopped", children_stopped=children)
+
+
+def _supervise(settings: Settings, sock: socket.socket, urls: dict[str, list[InstanceSpec]]) -> int:
+    """Start `settings.workers` worker processes on `sock` and watch them until a signal (router/workers.py)."""
+    from router.workers import WorkerPool
+
+    sock.listen(2048)
+    pool = WorkerPool(settings.workers, sock, settings, urls)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, pool.handle_signal)
+    pool.start()
+    pool.supervise()
+    return 0
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -140,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--redis-url", default=None, help="external Redis; default: start an embedded valkey-server")
     s.add_argument("--http-client", default=None, choices=["aiohttp", "httpx", "httpx-aiohttp"])
+    s.add_argument("--workers", type=int, default=None,
+                   help="router processes on the port, sharing Redis and the embedded stack (default 1)")
+    s.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)   # router/workers.py
+    s.add_argument("--worker-instances", default=None, help=argparse.SUPPRESS)
     s.set_defaults(fn=_serve)
     sim = sub.add_parser("sim", help="run one simulated vLLM instance")
     add_sim_args(sim)

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from backends.registry import Registry
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -76,7 +80,8 @@ class RouterMetrics:
         self.retries = Counter("tiergate_upstream_retries", "Retries on another candidate before the first byte.",
                                ["tier", "reason"], registry=r)
         self.in_flight = Gauge("tiergate_instance_in_flight", "Requests in flight per instance.",
-                               ["tier", "instance"], registry=r)
+                               ["tier", "instance"], registry=r,
+                                multiprocess_mode="livesum")
         self.slo = Counter("tiergate_slo_requests", "Served requests by whether their TTFT met the SLO class target.",
                            ["tier", "tenant", "slo_class", "result"], registry=r)
         self.affinity = Counter("tiergate_affinity_ops", "Affinity index operations by result "
@@ -95,19 +100,23 @@ class RouterMetrics:
                                   "store_unavailable_allowed).",
                                   ["tenant", "result"], registry=r)
         self.budget_remaining = Gauge("tiergate_budget_remaining_usd", "Budget left in the current period, as of "
-                                      "the last admission.", ["tenant", "period"], registry=r)
+                                      "the last admission.", ["tenant", "period"], registry=r,
+                                multiprocess_mode="livemostrecent")
         self.settlements = Counter("tiergate_settlements", "Settlements by how they landed (open, expired, orphan, "
                                    "dup, journaled).", ["result"], registry=r)
         self.journal_pending = Gauge("tiergate_usage_journal_pending", "Usage records waiting in the local journal "
-                                     "for Redis.", registry=r)
+                                     "for Redis.", registry=r,
+                                multiprocess_mode="livesum")
         self.swept = Counter("tiergate_reservations_expired", "Reservations released by the sweeper (a router "
                              "died mid-request).", ["tenant"], registry=r)
         self.policy_reloads = Counter("tiergate_policy_reloads", "Policy file reloads by result (reloaded, invalid).",
                                       ["result"], registry=r)
         self.policy_info = Gauge("tiergate_policy_info", "1 for the running policy's version.", ["version"],
-                                 registry=r)
+                                 registry=r,
+                                multiprocess_mode="livemax")
         self.healthy = Gauge("tiergate_instance_healthy", "1 if the instance is serving.", ["tier", "instance"],
-                             registry=r)
+                             registry=r,
+                                multiprocess_mode="livemostrecent")
         self.upstream_faults = Counter("tiergate_upstream_faults", "Backend faults (router/proxy.py): "
                                        "first_byte_timeout, stall_timeout, malformed, error (the backend's error "
                                        "event), broken (a stream cut after its first byte).",
@@ -127,7 +136,8 @@ class RouterMetrics:
                                       "content_length, before reading; streamed, once the count passed the limit).",
                                       ["how"], registry=r)
         self.long_prompt_slots = Gauge("tiergate_long_prompt_slots", "Long-prompt tokenizer slots (state: slots, "
-                                       "running, waiting).", ["state"], registry=r)
+                                       "running, waiting).", ["state"], registry=r,
+                                multiprocess_mode="livesum")
         self.long_prompts = Counter("tiergate_long_prompts", "Long prompts by whether they got a tokenizer slot "
                                     "(admitted) or found the queue full (shed, 503).", ["result"], registry=r)
         self.long_prompt_wait = Histogram("tiergate_long_prompt_wait_seconds", "Wait for a long-prompt tokenizer "
@@ -140,7 +150,8 @@ class RouterMetrics:
         self.shadow_cost_delta = Gauge("tiergate_shadow_cost_delta_usd", "Running sum since start of the shadow "
                                        "choice's estimated USD minus the live choice's (negative: the shadow would "
                                        "have been cheaper); a gauge, as it can fall: use delta() or deriv().",
-                                       registry=r)
+                                       registry=r,
+                                multiprocess_mode="sum")
         self.shadow_cost = Counter("tiergate_shadow_estimated_cost_usd", "Estimated USD of each choice where "
                                    "both were priced (policy: live, shadow), for rate().", ["policy"], registry=r)
         self.shadow_failures = Counter("tiergate_shadow_failures", "Shadow decisions not made (reason: error, "
@@ -152,7 +163,8 @@ class RouterMetrics:
                                         "full).", ["result"], registry=r)
         # admission between decision and dispatch (router/admission/, issue #14)
         self.queue_depth = Gauge("tiergate_queue_depth", "Requests waiting for a prefill window, per tier and SLO "
-                                 "class, on this replica.", ["tier", "slo_class"], registry=r)
+                                 "class, on this replica.", ["tier", "slo_class"], registry=r,
+                                multiprocess_mode="livesum")
         self.queue_wait = Histogram("tiergate_queue_wait_seconds", "Time requests waited for a prefill window "
                                     "(outcome: released, bypassed at the class's max_queue_ms, shed, left: the "
                                     "client went away).", ["tier", "outcome"], registry=r,
@@ -162,7 +174,8 @@ class RouterMetrics:
                                      ["tier", "store"], registry=r)
         self.window_budget = Gauge("tiergate_window_budget_tokens", "An instance's window budget (burst) as last "
                                    "sized from its prefill rate, step time and KV use.", ["tier", "instance"],
-                                   registry=r)
+                                   registry=r,
+                                multiprocess_mode="livemostrecent")
         self.coalesced = Counter("tiergate_coalesced_requests", "Prefix claims at decision time (result: "
                                  "claimed, recorded for the choice; followed, moved to the instance a "
                                  "concurrent request had just claimed the prefix on; kept, that instance was "
@@ -170,6 +183,9 @@ class RouterMetrics:
         self.shed = Counter("tiergate_shed_requests", "Requests shed by a full admission queue, by SLO class.",
                             ["tier", "slo_class"], registry=r)
 
+        # one of `--workers N`: values live in shared files (prometheus_client's multiprocess mode, chosen when
+        # it is imported, which the supervisor's environment makes so)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.tenant_label = tenant_label or (lambda tenant: tenant)
         # where each metric labelled by tenant has its tenant label (every tenant-labelled write goes via child)
@@ -223,4 +239,38 @@ class RouterMetrics:
             self.long_prompt_wait.observe(waited_s)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this process's registry, or under `tiergate serve --workers N` (where
+        PROMETHEUS_MULTIPROC_DIR is set) every worker's, summed (router/workers.py; gauges by their mode)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def write_instance_gauges(metrics: RouterMetrics, registry: Registry) -> None:
+    """In-flight and health per instance, from the registry. Alone, at each scrape, afresh (an instance a
+    reload removed leaves no series). Under `--workers N`, each worker writes its own every second
+    (`instance_gauges_forever`) and the scrape sums them; a removed instance's series stays, at 0."""
+    now = registry.clock()
+    if metrics.multiprocess:
+        children: list[Any] = [*metrics.in_flight._metrics.values(), *metrics.healthy._metrics.values()]
+        for child in children:
+            child.set(0)
+    else:
+        metrics.in_flight.clear()
+        metrics.healthy.clear()
+    for inst in registry.all_instances():
+        metrics.in_flight.labels(inst.tier, inst.instance_id).set(inst.in_flight)
+        metrics.healthy.labels(inst.tier, inst.instance_id).set(1 if inst.serving(now) else 0)
+
+
+async def instance_gauges_forever(metrics: RouterMetrics, registry: Registry, interval_s: float = 1.0) -> None:
+    """Under `--workers N`: keep this worker's instance gauges fresh for whichever worker is scraped."""
+    import asyncio
+
+    while True:
+        write_instance_gauges(metrics, registry)
+        await asyncio.sleep(interval_s)

@@ -16,6 +16,7 @@ class Settings(msgspec.Struct, kw_only=True):
     port: int = 8000
     redis_url: str | None = None           # None: start the embedded valkey-server
     data_dir: str = ".tiergate"
+    workers: int = 1                        # `tiergate serve --workers N` (router/workers.py)
     http_client: str = "aiohttp"            # aiohttp | httpx | httpx-aiohttp
     max_body_bytes: int = 32 * 1024 * 1024
     upstream_connect_timeout_s: float = 2.0

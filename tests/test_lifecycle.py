@@ -88,7 +88,7 @@ class Router:
     """One `tiergate serve` process with its own data dir and log."""
 
     def __init__(self, tmp: Path, policy: str, *, grace_s: float, timeout_s: float,
-                 redis_url: str | None = None) -> None:
+                 redis_url: str | None = None, workers: int = 1) -> None:
         (tmp / "policy.yaml").write_text(policy)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -97,7 +97,8 @@ class Router:
                "TIERGATE_DRAIN_TIMEOUT_S": str(timeout_s)}
         env.pop("TIERGATE_REDIS_URL", None)
         argv = [sys.executable, "-m", "router.cli", "serve", "--policy", str(tmp / "policy.yaml"),
-                "--port", str(self.port), *(["--redis-url", redis_url] if redis_url else [])]
+                "--port", str(self.port), *(["--redis-url", redis_url] if redis_url else []),
+                *(["--workers", str(workers)] if workers > 1 else [])]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
