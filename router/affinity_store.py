@@ -11,6 +11,9 @@ scores evicts least-recently-used chains tail first, like vLLM's block pool.
   (entries older than the TTL count as absent) and returns the matched count.
 * `record`: after dispatch, ZADD the chosen instance's hashes, drop entries older
   than the TTL, trim to the instance's KV capacity in blocks, and PEXPIRE the key.
+  `record_later` (the forwarder's, off the request path) queues it on a micro-batcher
+  (router/redis_batch.py, flusher `batch.run` owned by the app's lifespan): up to 64
+  records per pipelined round trip, under one `timeout_s`; a full queue drops the record.
 * `claim`: at decision time, atomically: if another instance of the tier now holds more of the
   request's prefix than its lookup saw (a concurrent request with the same new prefix, on any replica,
   just claimed it), say which, and record nothing; else record for the chosen instance, as `record`.
@@ -24,7 +27,8 @@ Failure mode: affinity fails open. Every call has a short timeout; failures feed
 circuit breaker (closed -> open for `cooldown_s` after `failures` consecutive errors
 -> one half-open trial). While it is open, lookups return no matches at once and
 records are dropped; routing goes on by load and cost. Each skip and error is
-counted, and breaker transitions are logged.
+counted, and breaker transitions are logged. A batched flush is one call to the breaker
+(one trial while half-open); a failed flush counts an error for each of its records.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from router.logs import get_logger
+from router.metrics import RouterMetrics
+from router.redis_batch import Call, MicroBatcher, pipelined
 
 _NOW = """
 local function now_ms(arg)
@@ -176,7 +182,7 @@ class Breaker:
 class AffinityStore:
     def __init__(self, redis: aioredis.Redis, *, timeout_s: float = 0.05, breaker: Breaker | None = None,
                  on_event: Callable[[str, str], None] | None = None, max_pending: int = 1024,
-                 clock_ms: Callable[[], int] | None = None) -> None:
+                 clock_ms: Callable[[], int] | None = None, metrics: RouterMetrics | None = None) -> None:
         self.redis = redis
         self.clock_ms = clock_ms          # None: Redis TIME (tests and the twin's contract test inject one)
         self.timeout_s = timeout_s
@@ -186,18 +192,21 @@ class AffinityStore:
         self._lookup = redis.register_script(_LOOKUP)
         self._record = redis.register_script(_RECORD)
         self._claim = redis.register_script(_CLAIM)
-        self._pending: set[asyncio.Task[Any]] = set()
+        self.batch: MicroBatcher[Call] = MicroBatcher("affinity_record", self._flush_records,
+                                                      max_queue=max_pending, metrics=metrics)
         self.log = get_logger("tiergate.affinity")
 
     def _now(self) -> str:
         return "" if self.clock_ms is None else str(self.clock_ms())
 
-    async def _call(self, op: str, coro: Any) -> Any:
+    async def _call(self, op: str, coro: Any, n: int = 1) -> Any:
+        """`coro` under the timeout, fed to the breaker; a failure counts `n` errors (the records of a flush)."""
         try:
             async with asyncio.timeout(self.timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
                 result = await coro
         except Exception as exc:
-            self.on_event(op, "error")
+            for _ in range(n):
+                self.on_event(op, "error")
             if self.breaker.failure():
                 self.log.warning("affinity_breaker_open", op=op, error=type(exc).__name__,
                                  cooldown_s=self.breaker.cooldown_s)
@@ -279,15 +288,27 @@ class AffinityStore:
 
     def record_later(self, tier: str, instance: str, hashes: Sequence[bytes], ttl_s: float,
                      capacity_blocks: int) -> None:
-        """Fire-and-forget `record` after dispatch; bounded, so a slow Redis can't pile up tasks."""
+        """`record` off the request path: queued for the next batched flush; dropped (counted) when
+        `max_pending` records already wait, so a slow Redis can't pile them up."""
         if not hashes:
             return
-        if len(self._pending) >= self.max_pending:
+        call = (self._record, [index_key(tier, instance)],
+                [self._now(), int(ttl_s * 1000), capacity_blocks, *hashes])
+        if not self.batch.put(call):
             self.on_event("record", "dropped")
+
+    async def _flush_records(self, calls: list[Call]) -> None:
+        """One flush of `record_later`'s queue: one round trip, one breaker call (fail open)."""
+        if not self.breaker.allow():
+            for _ in calls:
+                self.on_event("record", "skipped")
             return
-        task = asyncio.get_running_loop().create_task(self.record(tier, instance, hashes, ttl_s, capacity_blocks))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        try:
+            replies = await self._call("record", pipelined(self.redis, calls), len(calls))
+        except Exception:
+            return
+        for r in replies:
+            self.on_event("record", "error" if isinstance(r, Exception) else "ok")
 
     async def remove(self, tier: str, instance: str, hashes: Sequence[bytes]) -> None:
         if hashes:
@@ -300,6 +321,5 @@ class AffinityStore:
         return int(await self.redis.zcard(index_key(tier, instance)))
 
     async def drain(self) -> None:
-        """Wait for pending records (shutdown and tests)."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        """Flush the queued records and wait for a flush in flight (shutdown and tests)."""
+        await self.batch.drain()

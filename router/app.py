@@ -81,7 +81,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         aff_store = AffinityStore(
             store, timeout_s=settings.affinity_timeout_s,
             breaker=Breaker(settings.affinity_breaker_failures, settings.affinity_breaker_cooldown_s),
-            on_event=lambda op, result: metrics.child(metrics.affinity, op, result).inc())
+            on_event=lambda op, result: metrics.child(metrics.affinity, op, result).inc(), metrics=metrics)
     load_sync = None
     if store is not None and settings.load_sync_interval_s > 0:
         load_sync = LoadSync(store, registry, uuid.uuid4().hex[:12], interval_s=settings.load_sync_interval_s,
@@ -171,6 +171,10 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                 log.warning("redis_unavailable", error=type(exc).__name__)
         tasks = [asyncio.create_task(probe_forever(client, registry, settings.probe_interval_s), name="probe"),
                  asyncio.create_task(scrape_forever(client, registry, settings.scrape_interval_s), name="scrape")]
+        # the micro-batch flushers (router/redis_batch.py): stopped only after their drains below
+        flushers = [asyncio.create_task(accountant.batch.run(), name="settle-batch")]
+        if aff_store is not None:
+            flushers.append(asyncio.create_task(aff_store.batch.run(), name="affinity-record-batch"))
         tasks.append(asyncio.create_task(accountant.background(), name="accounting"))
         tasks.append(asyncio.create_task(gate.run(), name="admission-gate"))
         if recorder is not None:
@@ -218,6 +222,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             journal.close()
             if aff_store is not None:
                 await aff_store.drain()
+            for task in flushers:   # idle now: everything they queued is flushed
+                task.cancel()
+            await asyncio.wait(flushers, timeout=1)
             await client.close()
             if store is not None and redis is None:
                 await close_redis(store)

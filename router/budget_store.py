@@ -6,6 +6,7 @@
 * `settle`: releases the reservation, adds the real cost to the periods it was reserved
   in, corrects the TPM window to the real tokens, appends one ledger record to the
   tenant's stream and adds it to the hourly aggregates. Settling an id twice is a no-op.
+  `settle_many`: many settlements in one pipelined round trip (router/redis_batch.py).
   Settling an id that was never admitted (Redis was away, or the tenant has no limits)
   bills it at the request's own time ("orphan"); settling after the sweeper released
   the reservation ("expired") bills it without releasing anything twice.
@@ -22,13 +23,14 @@ the in-memory twin (same replies, parsed by the same functions; tests/test_store
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from router import budget_lua
+from router.redis_batch import Call, pipelined
 
 COST_SCALE = 10**10          # units per USD
 PRICE_SCALE = COST_SCALE // 10**6  # units per token for a price of 1 USD per 1M tokens
@@ -141,10 +143,19 @@ class BudgetStore:
 
     async def settle(self, tenant: str, rid: str, usage: Usage) -> str:
         """-> open | expired | orphan (how it was settled), or dup when it already was."""
-        res = await self._settle(keys=self._keys(tenant, rid, "q", "w", "b", "open", "usage", "agg"), args=[
+        _, keys, args = self._settle_call(tenant, rid, usage)
+        return parse_settled(await self._settle(keys=keys, args=args))
+
+    async def settle_many(self, items: Sequence[tuple[str, str, Usage]]) -> list[str | Exception]:
+        """Settle (tenant, id, usage) items in one round trip (router/redis_batch.py `pipelined`): each item's
+        `settle` answer, or its own error. Raises when the round trip fails as a whole."""
+        replies = await pipelined(self.redis, [self._settle_call(*item) for item in items])
+        return [r if isinstance(r, Exception) else parse_settled(r) for r in replies]
+
+    def _settle_call(self, tenant: str, rid: str, usage: Usage) -> Call:
+        return (self._settle, self._keys(tenant, rid, "q", "w", "b", "open", "usage", "agg"), [
             self._now(), rid, usage.cost, usage.prompt + usage.completion, self.keep_ms, self.ledger_maxlen,
             usage.at_ms, self.retention_days * 86_400_000, *usage.fields()])
-        return parse_settled(res)
 
     async def release(self, tenant: str, rid: str) -> str:
         """Undo an admission whose outcome is unknown: -> released | blocked (it had not run) | its state."""

@@ -1,8 +1,8 @@
 """A local append-only usage journal: where settlements go while Redis is away.
 
-Each line is one JSON record `{tenant, id, usage}`, appended and fsync'd on a single
-writer thread (never on the event loop), which also owns the `pending` count and reads
-the files back for a replay. `replay` renames the journal aside (new
+Each line is one JSON record `{tenant, id, usage}`, appended (a failed settlement flush's records in one
+write) and fsync'd on a single writer thread (never on the event loop), which also owns the `pending`
+count and reads the files back for a replay. `replay` renames the journal aside (new
 appends start a fresh file), settles every record through a callback that is
 idempotent per request id, and deletes the file only when every record is in;
 a crash mid-replay leaves the renamed file, which the next replay picks up.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,18 +43,24 @@ class Journal:
     def _count(self) -> int:
         return sum(1 for f in self.dir.glob("usage*.jsonl") for line in f.read_bytes().splitlines() if line.strip())
 
-    def _append_sync(self, line: bytes) -> None:
+    def _append_sync(self, lines: bytes, n: int) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, line)
+            view = memoryview(lines)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.pending += 1  # changed only on the writer thread
+        self.pending += n  # changed only on the writer thread
 
     async def append(self, tenant: str, rid: str, usage: Usage) -> None:
-        line = _enc.encode(Entry(tenant, rid, usage)) + b"\n"
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._append_sync, line)
+        await self.append_many([(tenant, rid, usage)])
+
+    async def append_many(self, items: Sequence[tuple[str, str, Usage]]) -> None:
+        """Append (tenant, id, usage) records with one write and one fsync (a failed settlement flush)."""
+        lines = b"".join(_enc.encode(Entry(t, rid, u)) + b"\n" for t, rid, u in items)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._append_sync, lines, len(items))
 
     async def replay(self, settle: Callable[[str, str, Usage], Awaitable[object]]) -> int:
         """Settle every journaled record; returns how many were replayed. Raises if the store fails."""

@@ -182,6 +182,15 @@ class RouterMetrics:
                                  "worse by the policy).", ["tier", "result"], registry=r)
         self.shed = Counter("tiergate_shed_requests", "Requests shed by a full admission queue, by SLO class.",
                             ["tier", "slo_class"], registry=r)
+        self.redis_batch_flushes = Counter("tiergate_redis_batch_flushes", "Micro-batched Redis round trips "
+                                           "(router/redis_batch.py) by batch (settle, affinity_record) and start "
+                                           "(at_once: the queue was idle; window: collected under load).",
+                                           ["batch", "start"], registry=r)
+        self.redis_batch_items = Counter("tiergate_redis_batch_items", "Items sent in micro-batched Redis round "
+                                         "trips, by batch.", ["batch"], registry=r)
+        self.redis_batch_overflow = Counter("tiergate_redis_batch_overflow", "Items a full micro-batch queue "
+                                            "refused (settle: settled unbatched; affinity_record: dropped).",
+                                            ["batch"], registry=r)
 
         # one of `--workers N`: values live in shared files (prometheus_client's multiprocess mode, chosen when
         # it is imported, which the supervisor's environment makes so)

@@ -23,7 +23,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from router.budget_store import Admission, FlexBudget, Usage, parse_admission, parse_settled, parse_status
@@ -213,6 +213,15 @@ class MemoryBudgetStore:
 
     async def settle(self, tenant: str, rid: str, usage: Usage) -> str:
         return parse_settled(self.settle_now(tenant, rid, usage))
+
+    async def settle_many(self, items: Sequence[tuple[str, str, Usage]]) -> list[str | Exception]:
+        out: list[str | Exception] = []
+        for tenant, rid, usage in items:
+            try:
+                out.append(parse_settled(self.settle_now(tenant, rid, usage)))
+            except Exception as exc:   # as a pipeline answers a script error: in the item's place
+                out.append(exc)
+        return out
 
     def settle_now(self, tenant: str, rid: str, usage: Usage) -> list[Any]:
         now = self.clock_ms()
