@@ -1,17 +1,18 @@
 """Batched tokenization under load: the texts of concurrent requests go to one `encode_batch` call.
 
 `tokenizers`' `encode_batch` releases the GIL, so a batch encoded in a worker thread costs the event
-loop one thread round trip (~35 µs of loop time) however many texts it carries, where encoding each
-text on the loop costs ~150 ns a character (Qwen3, one core). There is no timed window: a batch
-forms only from texts that arrive while the previous one is being encoded.
+loop one thread round trip (~35 µs of loop time, ~45 µs more wall time than inline) however many texts
+it carries, where encoding a text on the loop costs ~170 ns a character (Qwen3; bench/tokenize_batch.py).
+There is no timed window: a batch forms only from texts that arrive while the previous one is being
+encoded.
 
 Algorithm (one `EncodeBatcher` per tokenizer and event loop; its state lives on the loop):
 
 * A caller submits texts (one prompt, or a chat's uncached segments) and gets exactly its own ids
   back, one list per text, in order.
 * No batch in flight and the submission has at most `inline_chars` characters: it is encoded at
-  once on the event loop. Nothing else waits, so the window closes at once, and a short text costs
-  the loop less than the round trip would.
+  once on the event loop. Nothing else waits, so the window closes at once; the round trip would
+  save the loop at most ~0.15 ms and cost this request ~45 µs.
 * No batch in flight and more characters: it goes to the executor alone, as a batch of one.
 * A batch in flight: the submission queues. When the batch finishes, its callers get their ids and
   the queue leaves as the next batch: ONE `encode_batch_fast` (else `encode_batch`) call over the
@@ -29,7 +30,7 @@ Algorithm (one `EncodeBatcher` per tokenizer and event loop; its state lives on 
 * Cancellation: a cancelled waiter leaves the queue (its characters with it); a cancelled caller
   whose batch is in flight has its result dropped. The other callers are not affected.
 
-Parameters (`BatchLimits`): `inline_chars` = 4,096 (~0.6 ms of loop time), `batch_chars` = 32,768
+Parameters (`BatchLimits`): `inline_chars` = 1,024 (~0.17 ms of loop time), `batch_chars` = 32,768
 (~5 ms of worker time: the most a short text arriving during a batch waits for it; it equals the
 largest text the batcher takes, backends/tokenization.py PIECE_CHARS), `queue_chars` = 1,048,576
 (~150 ms of worker time waiting).
@@ -55,7 +56,7 @@ class TokenizerBusy(GateFull):
 
 @dataclass(frozen=True)
 class BatchLimits:
-    inline_chars: int = 4_096       # encoded on the loop when no batch is in flight
+    inline_chars: int = 1_024       # encoded on the loop when no batch is in flight
     batch_chars: int = 32_768       # a batch takes queued submissions up to this many characters
     queue_chars: int = 1_048_576    # characters that may wait; more are refused (TokenizerBusy)
 
