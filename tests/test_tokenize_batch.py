@@ -13,8 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from backends.token_bounds import TokenizeStats
-from backends.tokenization import TierTokenizer
+from backends.tokenization import TierTokenizer, TokenizerCache
 from backends.tokenize_batch import BatchLimits, EncodeBatcher, TokenizerBusy
+from policies.schema import load_policy
+from router.errors import ApiError
+from router.prompts import PromptTokenizer
+from router.schemas import CompletionRequest
+from tests.conftest import ROOT
 
 _TOK: list[TierTokenizer] = []
 BAD = "lone \ud800 surrogate"   # `tokenizers` refuses it (TypeError), as it would any text it can't take
@@ -179,3 +184,18 @@ def test_each_event_loop_gets_its_own_batcher() -> None:
 
 async def _encode_all(tok: TierTokenizer, pool: ThreadPoolExecutor, texts: list[str]) -> list[list[int]]:
     return list(await asyncio.gather(*(tok.encode(t, pool) for t in ["w " * 4_000, *texts])))[1:]
+
+
+async def test_a_full_queue_answers_503_tokenizer_busy(ex: ThreadPoolExecutor) -> None:
+    policy = load_policy(ROOT / "policies" / "examples" / "demo.yaml")
+    prompts_ = PromptTokenizer(policy, TokenizerCache(), ex)
+    tier = next(iter(policy.tiers))
+    prompts_.by_tier[tier].batch_limits = BatchLimits(inline_chars=0, queue_chars=1)
+
+    async def ids(prompt: str) -> list[int]:
+        return (await prompts_.completion_ids((tier,), CompletionRequest(model="m", prompt=prompt)))[tier]
+
+    got = await asyncio.gather(ids("in flight"), ids("queued"), ids("shed"), return_exceptions=True)
+    assert got[:2] == [qwen3().encode_sync("in flight"), qwen3().encode_sync("queued")]
+    assert isinstance(got[2], ApiError) and got[2].status == 503 and got[2].code == "tokenizer_busy"
+    assert got[2].headers["Retry-After"] == "1"
