@@ -124,7 +124,8 @@ class TierTokenizer:
                           tools: Sequence[Any] | None = None, add_generation_prompt: bool = True,
                           extra: Mapping[str, Any] | None = None, limit: int | None = None) -> list[int]:
         """Exact prompt ids of a chat. Plain chats on a verified ChatML template reuse the ids of
-        messages seen before (multi-turn chats resend their history every turn).
+        messages seen before (multi-turn chats resend their history every turn); the uncached ones go to the
+        batching stage together, `batch_chars` characters at a time.
 
         `limit`: raise `PromptTooLong` as soon as the chat is proven to have more tokens (see `encode`)."""
         if self._fast is None or not chatml_fast.plain(messages, tools, extra):

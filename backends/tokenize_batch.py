@@ -73,7 +73,9 @@ class _Submission:
     def deliver(self, outcome: Outcome) -> None:
         if self.future.done():          # the caller was cancelled: drop the result
             return
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, asyncio.CancelledError):
+            self.future.cancel()
+        elif isinstance(outcome, BaseException):
             self.future.set_exception(outcome)
         else:
             self.future.set_result(outcome)

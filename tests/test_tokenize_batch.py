@@ -199,3 +199,14 @@ async def test_a_full_queue_answers_503_tokenizer_busy(ex: ThreadPoolExecutor) -
     assert got[:2] == [qwen3().encode_sync("in flight"), qwen3().encode_sync("queued")]
     assert isinstance(got[2], ApiError) and got[2].status == 503 and got[2].code == "tokenizer_busy"
     assert got[2].headers["Retry-After"] == "1"
+
+
+async def test_a_shut_down_executor_fails_its_callers_and_leaves_the_batcher_idle() -> None:
+    tok = qwen3()
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()
+    batcher = EncodeBatcher(asyncio.get_running_loop(), tok.encode_texts, lambda: tok.stats, BatchLimits())
+    with pytest.raises(RuntimeError):
+        await batcher.encode(["w " * 1_000], pool)
+    assert not batcher.in_flight and batcher.waiting == 0
+    assert await batcher.encode(["short"], pool) == [tok.encode_sync("short")]    # inline: no executor needed
