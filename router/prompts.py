@@ -5,7 +5,8 @@ Bounded: a prompt that can't fit the largest context of the request's tiers is r
 rest (backends/tokenization.py `encode(limit=)`, backends/token_bounds.py). Prompts of at least
 `cache.long_chars` characters take one of the tokenizer cache's `gate` slots first (FIFO, at most
 `slots` at once; a full queue answers 503 `tokenizer_busy`), so a burst of huge prompts can't take
-every CPU and all their token ids can't be in memory at once.
+every CPU and all their token ids can't be in memory at once. Shorter prompts go through each
+tokenizer's batching stage (backends/tokenize_batch.py), whose full queue answers the same 503.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _busy(what: str) -> ApiError:
+    return ApiError(503, f"too many {what} are being tokenized on this router right now; retry shortly",
+                    code="tokenizer_busy", headers={"Retry-After": "1"})
+
+
 class PromptTokenizer:
     def __init__(self, policy: Policy, cache: TokenizerCache, executor: ThreadPoolExecutor) -> None:
         self.executor = executor
@@ -53,8 +59,7 @@ class PromptTokenizer:
             async with self.cache.gate.slot():
                 yield
         except GateFull:
-            raise ApiError(503, "too many long prompts are being tokenized on this router right now; retry "
-                                "shortly", code="tokenizer_busy", headers={"Retry-After": "1"}) from None
+            raise _busy("long prompts") from None
 
     def _too_long(self, exc: PromptTooLong, field: str, model: str, tok: TierTokenizer) -> ApiError:
         self.cache.stats.refused("chars" if exc.counted == 0 else "tokens")
@@ -84,6 +89,8 @@ class PromptTokenizer:
                                                               extra=extra, limit=limit)
                     except PromptTooLong as exc:
                         raise self._too_long(exc, "messages", req.model, tok) from None
+                    except GateFull:   # TokenizerBusy: the batching stage's queue is full
+                        raise _busy("prompts") from None
                     except Exception as exc:
                         raise ApiError(400, f"messages could not be rendered with the chat template: {exc}",
                                        param="messages", code="invalid_messages") from None
@@ -113,6 +120,8 @@ class PromptTokenizer:
                             done[id(tok)] = await tok.encode(prompt, self.executor, limit=limit)
                         except PromptTooLong as exc:
                             raise self._too_long(exc, "prompt", req.model, tok) from None
+                        except GateFull:
+                            raise _busy("prompts") from None
                     else:
                         done[id(tok)] = [int(i) for i in prompt]  # token ids, as vLLM accepts them
                 out[t] = done[id(tok)]
