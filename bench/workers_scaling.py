@@ -75,6 +75,31 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def command_stats(url: str) -> dict[str, tuple[int, int]]:
+    """Valkey's INFO commandstats: command -> (calls, µs)."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        info = r.info("commandstats")
+    finally:
+        r.close()
+    return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in info.items()}
+
+
+def print_redis_work(n: int, before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], ok: int) -> None:
+    """Valkey's own time per served request, by command (where the shared store's CPU goes)."""
+    rows = []
+    for cmd, (calls, usec) in after.items():
+        c0, u0 = before.get(cmd, (0, 0))
+        if usec - u0 > 0:
+            rows.append((usec - u0, calls - c0, cmd))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    parts = ", ".join(f"{cmd} {calls / max(ok, 1):.2f} calls {us / max(ok, 1):.0f} µs" for us, calls, cmd in rows[:8])
+    print(f"  workers={n}: valkey {total / max(ok, 1):.0f} µs of command time per request: {parts}", flush=True)
+
+
 # ---------------------------------------------------------------- the load generator (one process per CPU)
 
 async def _conn(host: str, port: int, request: bytes, stop_at: float, counts: dict[str, int]) -> None:
@@ -150,9 +175,11 @@ def run_n(n: int, layout: dict[str, list[int]], backends: list[str], redis_url: 
         time.sleep(3 + n * 0.5)   # every worker up (the first one answers /ready)
         conc = max(1, args.conc_per_worker * n // len(layout["load"]))
         load(layout["load"], port, conc, args.warmup)
+        stats0 = command_stats(redis_url)
         before, t0, cpu0 = core_times(), time.monotonic(), tree_cpu_s(router.pid)
         ok, err = load(layout["load"], port, conc, args.seconds)
         after, elapsed, cpu1 = core_times(), time.monotonic() - t0 - 1.5, tree_cpu_s(router.pid)
+        print_redis_work(n, stats0, command_stats(redis_url), ok)
 
         def busy(cpus: list[int]) -> float:
             return sum(busy_share(before, after, c) for c in cpus) / len(cpus)
