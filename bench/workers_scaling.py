@@ -163,8 +163,11 @@ def run_n(n: int, layout: dict[str, list[int]], backends: list[str], redis_url: 
     port = free_port()
     policy = tmp / f"policy-{n}.yaml"
     insts = ", ".join(f'{{id: fake-{i}, url: "{u}"}}' for i, u in enumerate(backends))
-    policy.write_text(POLICY.format(url=backends[0], hash=KEY_HASH).replace(
-        f'instances: [{{id: fake-0, url: "{backends[0]}"}}]', f"instances: [{insts}]"))
+    text = POLICY.format(url=backends[0], hash=KEY_HASH).replace(
+        f'instances: [{{id: fake-0, url: "{backends[0]}"}}]', f"instances: [{insts}]")
+    if args.no_budgets:   # the tenant without limits or budgets: no admission or settlement scripts
+        text = "\n".join(line for line in text.splitlines() if not line.strip().startswith(("limits:", "budgets:")))
+    policy.write_text(text)
     env = {**os.environ, "TIERGATE_DATA_DIR": str(tmp / f"data-{n}"), "TIERGATE_LOG_LEVEL": "warning",
            "TIERGATE_DRAIN_GRACE_S": "0", "TIERGATE_DRAIN_TIMEOUT_S": "5", "TOKENIZERS_PARALLELISM": "false"}
     router = pinned([sys.executable, "-m", "router.cli", "serve", "--policy", str(policy), "--port", str(port),
@@ -203,6 +206,8 @@ def main() -> None:
                     help="keep-alive connections per router worker, spread over the load generators: each N "
                          "sees the same pressure per worker")
     ap.add_argument("--backends", type=int, default=2)
+    ap.add_argument("--no-budgets", action="store_true", help="the tenant has no limits or budgets (no "
+                    "admission or settlement in Redis): what the router scales to when Redis is not the limit")
     ap.add_argument("--loadgens", type=int, default=5)
     args = ap.parse_args()
     ns = [int(x) for x in args.workers.split(",")]
