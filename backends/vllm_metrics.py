@@ -95,7 +95,23 @@ async def scrape_once(client: UpstreamClient, registry: Registry, timeout_s: flo
     await asyncio.gather(*(one(i) for i in registry.all_instances()))
 
 
-async def scrape_forever(client: UpstreamClient, registry: Registry, interval_s: float) -> None:
+def quiet(registry: Registry) -> bool:
+    """Nothing running or waiting on any engine as last scraped, and nothing in flight from any router."""
+    return all(not (i.running or i.waiting or i.in_flight or i.peer_in_flight) for i in registry.all_instances())
+
+
+def next_interval(current: float, base: float, idle_max: float, is_quiet: bool) -> float:
+    """The scrape pace: `base` while the fleet is busy; each quiet scrape doubles the wait, up to `idle_max`
+    (`max(base, idle_max)`). So an idle router scrapes every `idle_max` seconds, and the scrape after traffic
+    starts (at most `idle_max` later; the router's own and its peers' in-flight counts carry the load
+    meanwhile) brings the pace back to `base`."""
+    return min(max(current * 2, base), max(base, idle_max)) if is_quiet else base
+
+
+async def scrape_forever(client: UpstreamClient, registry: Registry, interval_s: float,
+                         idle_max_s: float = 5.0) -> None:
+    wait = interval_s
     while True:
         await scrape_once(client, registry)
-        await asyncio.sleep(interval_s)
+        wait = next_interval(wait, interval_s, idle_max_s, quiet(registry))
+        await asyncio.sleep(wait)

@@ -7,7 +7,7 @@ import pytest
 
 from backends.registry import Ewma
 from backends.sim.run import running_sim
-from backends.vllm_metrics import parse_vllm_metrics
+from backends.vllm_metrics import next_interval, parse_vllm_metrics, quiet
 from policies.plugins.slo_feasible import SloFeasible, predicted_ttft_s
 from policies.schema import load_policy
 from policies.types import Candidate, RoutingRequest
@@ -191,3 +191,23 @@ def test_budget_degrade_prefers_cheaper_tiers_only_where_they_meet_the_slo() -> 
     kept, why = f.filter(req(frozenset({"fast"})), [busy, bal])              # fast would miss the 1 s target
     assert kept == [busy, bal] and "not degraded" in why
     assert f.filter(req(frozenset({"fast"}), None), [busy, bal])[0] == [busy]  # no target: cheaper wins
+
+
+def test_scrapes_back_off_while_the_fleet_is_quiet_and_return_to_pace_when_it_is_not() -> None:
+    from backends.registry import Registry
+    from policies.schema import InstanceSpec
+
+    reg = Registry(load_policy(DEMO), {"fast": [InstanceSpec(id="f0", url="http://127.0.0.1:9")]})
+    assert quiet(reg)
+    waits, wait = [], 1.0
+    for _ in range(5):
+        wait = next_interval(wait, 1.0, 5.0, quiet(reg))
+        waits.append(wait)
+    assert waits == [2.0, 4.0, 5.0, 5.0, 5.0]
+    inst = reg.all_instances()[0]
+    for field in ("running", "waiting", "in_flight", "peer_in_flight"):
+        setattr(inst, field, 1)
+        assert not quiet(reg)
+        assert next_interval(5.0, 1.0, 5.0, quiet(reg)) == 1.0
+        setattr(inst, field, 0)
+    assert next_interval(1.0, 1.0, 0.0, True) == 1.0        # idle_max below the base: never slower than base
