@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from backends.resilience import OutlierConfig
 from policies.schema import AffinitySpec, InstanceSpec, Policy, TierSpec
 from policies.types import Candidate
+from policies.upstream_auth import upstream_headers
 
 Clock = Callable[[], float]
 
@@ -40,6 +41,7 @@ class InstanceState:
     peer_in_flight: int = 0                 # the same counts from the other router replicas (LoadSync)
     peer_pending_requests: int = 0
     peer_pending_tokens: int = 0
+    headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})  # + API key
 
     def serving(self, now: float) -> bool:
         """Probed healthy, not ejected, and, while half-open, not already running its one trial request."""
@@ -97,6 +99,7 @@ class Registry:
                 if cur is None:
                     cur = InstanceState(name, i.id, i.url.rstrip("/"))
                 cur.kv_events = i.kv_events
+                cur.headers = upstream_headers(spec, i)   # its API key (policies/upstream_auth.py)
                 if i.kv_capacity_blocks is not None or cur.kv_capacity_blocks is None:
                     cur.kv_capacity_blocks = i.kv_capacity_blocks  # else keep what /metrics told us
                 insts.append(cur)

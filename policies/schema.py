@@ -32,6 +32,7 @@ class InstanceSpec(msgspec.Struct, **STRICT):
     kv_events: str | None = None            # vLLM KV-event ZMQ endpoint, e.g. tcp://10.0.0.5:5557
     kv_events_dp_ranks: int = 1             # vLLM --data-parallel-size: rank r publishes on the port + r
     kv_capacity_blocks: int | None = None   # KV capacity in blocks (else from /metrics, else the tier's)
+    api_key_env: str | None = None          # its vLLM --api-key, from this env var (policies/upstream_auth.py)
 
 
 class AffinitySpec(msgspec.Struct, **STRICT):
@@ -64,6 +65,7 @@ class TierSpec(msgspec.Struct, **STRICT):
     #                                             while an instance has this many in flight (admission_spec.py)
     first_byte_timeout_s: float | None = None   # fixed first-byte deadline (else derived: router/deadlines.py)
     stall_timeout_s: float | None = None        # fixed inter-chunk deadline of streams (else derived)
+    api_key_env: str | None = None              # the tier's vLLM --api-key, read from this env var, never inline
     description: str = ""
     instances: list[InstanceSpec] = []
     simulate: SimulateSpec | None = None
@@ -259,9 +261,10 @@ def load_policy(path: str | Path) -> Policy:
 def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
     from policies.models import alias_errors
     from policies.registry import KNOWN_FILTERS, KNOWN_PICKERS, KNOWN_SCORERS
+    from policies.upstream_auth import api_key_errors
     from policies.urls import instance_endpoint_errors
 
-    errs: list[tuple[str, str]] = []
+    errs: list[tuple[str, str]] = api_key_errors(policy)
     if policy.version != 1:
         errs.append(("$.version", f"unsupported policy version {policy.version}; this tiergate reads 1"))
     if not policy.tiers:

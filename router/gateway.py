@@ -41,6 +41,7 @@ from router.request_checks import check_nesting, check_request
 from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
 from router.shadow import Shadow
 from router.slo import resolve_slo
+from router.trace_context import propagation
 
 __all__ = ["Gateway", "Reply", "forward_body"]
 
@@ -251,8 +252,8 @@ class Gateway:
                 await self.gate.admit(core, p)
                 decision = p.decision or decision
             up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out,
-                                           done, counts, slo=p.rreq,
-                                           on_dispatch=on_dispatch)
+                                           done, counts, slo=p.rreq, on_dispatch=on_dispatch,
+                                           propagate=propagation(rid, headers))
         except BaseException as exc:
             if not p.closed:  # shed, or cancelled before any answer (client gone): release the reservation
                 if isinstance(exc, ApiError):

@@ -26,7 +26,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -72,6 +72,7 @@ class _Tries:
     suspects: list[tuple[InstanceState, str]] = field(default_factory=list)  # failures held pending
     refused: bool = False                    # an instance answered 4xx, or the request is a query of death
     on_dispatch: Callable[[Candidate], None] | None = None   # called as each attempt is sent
+    propagate: Mapping[str, str] | None = None   # x-request-id, traceparent: sent to every instance tried
 
 
 class _Attempt:
@@ -117,12 +118,13 @@ class Forwarder(Relay):
     async def send(self, ranked: list[Candidate], path: str, body_for: Callable[[str], bytes], stream: bool,
                    client_wants_usage: bool, out: Outcome, on_done: Callable[[], None],
                    prompt_tokens: dict[str, int] | None = None, slo: RoutingRequest | None = None,
-                   on_dispatch: Callable[[Candidate], None] | None = None) -> Upstream:
+                   on_dispatch: Callable[[Candidate], None] | None = None,
+                   propagate: Mapping[str, str] | None = None) -> Upstream:
         """Try candidates in rank order (each at most once) until one answers well-formed with a status
         that is not retried; `slo`: the routing request, whose targets and predictions set the deadlines;
         `on_dispatch(cand)`: called as each attempt is sent (the gateway records the prompt's prefix
         there, so the next request with that prefix finds it while this one is still queued or prefilling)."""
-        tries = _Tries(on_dispatch=on_dispatch)
+        tries = _Tries(on_dispatch=on_dispatch, propagate=propagate)
         try:
             for cand in ranked[: self.max_attempts]:
                 inst = self._usable(cand, tries, out)
@@ -191,7 +193,8 @@ class Forwarder(Relay):
             limit = self.deadlines.body_s(slo, cand, limit)
         try:
             async with asyncio.timeout(limit):
-                a.resp = await self.client.post(inst.url + path, body, {"content-type": "application/json"})
+                headers = {**inst.headers, **tries.propagate} if tries.propagate else inst.headers
+                a.resp = await self.client.post(inst.url + path, body, headers)
                 return await self._answer(cand, a, tries, stream, client_wants_usage, out, on_done, slo, spec,
                                           may_fall_back)
         except UpstreamConnectError as exc:

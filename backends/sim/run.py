@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,13 +44,14 @@ async def start_sim(profile: str, *, host: str = "127.0.0.1", port: int = 0, tim
                     num_gpu_blocks: int | None = None, served_model_name: str | None = None,
                     faults: Faults | None = None, tokenizer: TierTokenizer | None = None,
                     instance_id: str = "sim", kv_events: tuple[str, str] | None = None,
-                    kv_events_format: str = "current", **overrides: object) -> RunningSim:
+                    kv_events_format: str = "current", api_keys: tuple[str, ...] = (),
+                    **overrides: object) -> RunningSim:
     """Start one simulated vLLM server; `kv_events` = (ZMQ endpoint, topic) to publish KV events in
     `kv_events_format`: current (vLLM after 0.26), v0.26 or legacy (backends/kv_events.py)."""
     prof = get_profile(profile, **overrides)
     tok = tokenizer or _TOKENIZERS.get(None)
     server = SimServer(prof, tok, served_model_name=served_model_name, num_gpu_blocks=num_gpu_blocks,
-                       time_scale=time_scale, faults=faults, instance_id=instance_id)
+                       time_scale=time_scale, faults=faults, instance_id=instance_id, api_keys=api_keys)
     if kv_events is not None:
         server.publish_kv_events(KVEventPublisher(*kv_events, wire_format=kv_events_format))
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
@@ -95,6 +97,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-input", default="", metavar="SUBSTRING",
                    help="answer 500 to any request whose body contains SUBSTRING (a query of death)")
     p.add_argument("--slow-start", type=float, default=0.0)
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require `Authorization: Bearer KEY` as vLLM does (repeatable; default: $VLLM_API_KEY)")
     p.add_argument("--kv-events-config", default=None,
                    help='vLLM\'s JSON, e.g. {"enable_kv_cache_events": true, "publisher": "zmq", '
                         '"endpoint": "tcp://*:5557", "topic": "kv-events"}')
@@ -119,7 +123,8 @@ def run_sim_cli(args: argparse.Namespace) -> None:
                               max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_events=parse_kv_events_config(args.kv_events_config),
-                              kv_events_format=args.kv_events_format)
+                              kv_events_format=args.kv_events_format,
+                              api_keys=tuple(args.api_key or [k for k in [os.environ.get("VLLM_API_KEY")] if k]))
         print(f"tiergate sim {args.profile} serving {sim.server.model} on {sim.url}", flush=True)
         try:
             await asyncio.Event().wait()

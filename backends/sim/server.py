@@ -3,7 +3,8 @@
 Routes: POST /v1/chat/completions, POST /v1/completions (streaming and not, with
 `stream_options.include_usage`), GET /v1/models, GET /health, GET /ping,
 POST /tokenize, POST /detokenize, GET /metrics, POST /reset_prefix_cache,
-GET|POST /admin/faults, GET /version. Errors use vLLM's (OpenAI-style) shape.
+GET|POST /admin/faults, GET /admin/seen, GET /version; `--api-key` guards them as vLLM does
+(backends/sim/auth.py). Errors use vLLM's (OpenAI-style) shape.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ import msgspec
 from aiohttp import web
 
 from backends.sim import validation
+from backends.sim.auth import ApiKeys
 from backends.sim.engine import Engine, SimRequest
 from backends.sim.faults import Faults
 from backends.sim.kv_publisher import KVEventPublisher
@@ -62,7 +65,8 @@ class Parsed:
 class SimServer:
     def __init__(self, profile: SimProfile, tokenizer: TierTokenizer, *, served_model_name: str | None = None,
                  num_gpu_blocks: int | None = None, time_scale: float = 1.0, faults: Faults | None = None,
-                 enable_prefix_caching: bool = True, instance_id: str = "sim") -> None:
+                 enable_prefix_caching: bool = True, instance_id: str = "sim",
+                 api_keys: Sequence[str] = ()) -> None:
         self.profile = profile
         self.tok = tokenizer
         self.model = served_model_name or profile.model
@@ -78,6 +82,7 @@ class SimServer:
         self.engine.slow_factor = self._slow_factor
         self.metrics = EngineMetrics(self.engine, self.model)
         self.kv_publisher: KVEventPublisher | None = None
+        self.auth = ApiKeys(api_keys)   # vLLM's --api-key (backends/sim/auth.py)
 
     def publish_kv_events(self, publisher: KVEventPublisher) -> None:
         self.kv_publisher = publisher
@@ -93,7 +98,7 @@ class SimServer:
         return 1.0 + (f.slow_start_factor - 1.0) * (1.0 - age / f.slow_start_s)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self.auth.middleware])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -106,6 +111,7 @@ class SimServer:
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         app.router.add_get("/admin/faults", self.get_faults)
         app.router.add_post("/admin/faults", self.set_faults)
+        app.router.add_get("/admin/seen", self.auth.seen_page)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
