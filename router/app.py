@@ -50,6 +50,7 @@ from router.replay.record import TraceRecorder
 from router.settings import Settings
 from router.shadow import Shadow
 from router.throttle import FailureThrottle
+from router.tracing import Tracing
 from router.usage_routes import usage_handlers
 
 _enc = msgspec.json.Encoder()
@@ -60,7 +61,7 @@ JSON = "application/json"
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
                redis: aioredis.Redis | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
                tokenizers: TokenizerCache | None = None, watch_policy: bool | None = None,
-               drain: DrainController | None = None) -> Litestar:
+               drain: DrainController | None = None, tracing: Tracing | None = None) -> Litestar:
     """`watch_policy`: hot-reload `settings.policy_path` (default: when the policy is loaded from it here).
     `drain`: the process's shutdown drain, which `tiergate serve` starts on SIGTERM (router/drain.py)."""
     log = get_logger("tiergate")
@@ -107,7 +108,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     gw = Gateway(policy, registry, client, metrics, tokenizers, executor,
                  max_attempts=settings.max_attempts, expose_decision=settings.expose_decision_header,
                  affinity_store=aff_store, accountant=accountant, records=records, shadow=shadow,
-                 explain_max_candidates=settings.explain_max_candidates, gate=gate, load_sync=load_sync)
+                 explain_max_candidates=settings.explain_max_candidates, gate=gate, load_sync=load_sync,
+                 tracing=tracing or Tracing.from_settings(settings.tracing, settings.tracing_sample_ratio))
     drain = drain or DrainController(settings.drain_grace_s, settings.drain_timeout_s)
     gw.forwarder.cuts = drain.cuts  # streams the drain may cut at its deadline
     gw.forwarder.deadlines = Deadlines.from_settings(settings)   # first byte and stall (router/deadlines.py)
@@ -229,6 +231,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             if store is not None and redis is None:
                 await close_redis(store)
             executor.shutdown(wait=False, cancel_futures=True)
+            if gw.tracing is not None:   # flush the spans still queued (the exporter's own thread)
+                await asyncio.to_thread(gw.tracing.shutdown)
 
     def render(reply_status: int, body: bytes, headers: dict[str, str] | None = None) -> Response[bytes]:
         return Response(content=body, status_code=reply_status, media_type=JSON, headers=headers)

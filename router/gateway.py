@@ -42,6 +42,7 @@ from router.schemas import HOST_FIELDS, ChatRequest, CompletionRequest
 from router.shadow import Shadow
 from router.slo import resolve_slo
 from router.trace_context import propagation
+from router.tracing import Tracing, trace_close, trace_phases
 
 __all__ = ["Gateway", "Reply", "forward_body"]
 
@@ -85,7 +86,8 @@ class Gateway:
                  expose_decision: bool = False, affinity_store: AffinityStore | None = None,
                  accountant: Accountant | None = None, records: RecordSink | None = None,
                  shadow: Shadow | None = None, explain_max_candidates: int = 16,
-                 gate: LiveGate | None = None, load_sync: LoadSync | None = None) -> None:
+                 gate: LiveGate | None = None, load_sync: LoadSync | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self.view = build_view(policy, registry, tokenizers, executor, affinity_store)  # swapped on reload
@@ -100,6 +102,7 @@ class Gateway:
         self.shadow = shadow
         self.gate = gate
         self.load_sync = load_sync
+        self.tracing = tracing           # None: off (router/tracing.py)
         self.explain_max_candidates = explain_max_candidates
 
     @property
@@ -210,10 +213,14 @@ class Gateway:
         pol = v.policy
         body, req, p, hashes = await self._prepare(v, tenant, kind, raw, rid, headers)
         t0, counts, limit = p.t0, p.counts, req.completion_limit
+        tr = self.tracing.begin(kind, req.model, headers, t0, t1 := core.clock()) if self.tracing else None
         live = core.decide(p)
         if self.shadow is not None:
             self.shadow.observe(p, live)     # never raises, never changes `live`
+        t2 = core.clock() if tr else 0.0
         cap, admitted = await core.admit(p, limit)
+        if tr is not None:   # the phases so far, timed by the router's clock (router/tracing.py)
+            trace_phases(tr, p, t0, t1, t2, core.clock())
         decision = p.decision
         assert decision is not None
         client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
@@ -233,7 +240,10 @@ class Gateway:
         p.wall_ms = core.wall_ms()
 
         def done() -> None:
-            core.close_out(p, out)
+            if tr is None:
+                core.close_out(p, out)
+            else:
+                trace_close(tr, core, self.registry, p, out, pol, limit)
 
         claim = await core.coalesce(p)      # a new prefix: claimed now, or follow who just claimed it
         decision = p.decision or decision
@@ -251,9 +261,11 @@ class Gateway:
             if self.gate is not None:   # prefill windows and the queue (router/admission/live.py)
                 await self.gate.admit(core, p)
                 decision = p.decision or decision
+            propagate = propagation(rid, headers)
+            if tr is not None:
+                tr.upstream(core.clock(), propagate)
             up = await self.forwarder.send(decision.ranked, path, body_for, req.stream, client_wants_usage, out,
-                                           done, counts, slo=p.rreq, on_dispatch=on_dispatch,
-                                           propagate=propagation(rid, headers))
+                                           done, counts, slo=p.rreq, on_dispatch=on_dispatch, propagate=propagate)
         except BaseException as exc:
             if not p.closed:  # shed, or cancelled before any answer (client gone): release the reservation
                 if isinstance(exc, ApiError):

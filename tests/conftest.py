@@ -118,10 +118,11 @@ async def serve_router(policy: Policy, urls: Mapping[str, Sequence[tuple[str, st
     port = free_port()
     settings.setdefault("data_dir", tempfile.mkdtemp(prefix="tg-router-"))  # its own usage journal
     watch = bool(settings.pop("watch_policy", False))
+    tracing = settings.pop("tracer", None)   # a router/tracing.py Tracing with a test exporter
     s = Settings(port=port, probe_interval_s=3600, **settings)  # type: ignore[arg-type]
     specs = {t: [i if isinstance(i, InstanceSpec) else InstanceSpec(id=i[0], url=i[1]) for i in lst]
              for t, lst in (urls or {}).items()}
-    app = create_app(s, policy=policy, instance_urls=specs, watch_policy=watch)
+    app = create_app(s, policy=policy, instance_urls=specs, watch_policy=watch, tracing=tracing)  # type: ignore[arg-type]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                            lifespan="on", access_log=False))
     task = asyncio.create_task(server.serve())

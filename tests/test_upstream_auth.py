@@ -94,3 +94,51 @@ def test_a_policy_naming_an_unset_or_bad_variable_is_refused_naming_the_field(
 def test_traceparent_validation(value: str, ok: bool) -> None:
     assert valid_traceparent(value) is ok
     assert ("traceparent" in propagation("r", {"traceparent": value})) is ok
+
+
+async def test_tracing_records_the_request_its_phases_and_hands_the_upstream_span_to_vllm(
+        redis_url: str) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from router.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    tag = uuid.uuid4().hex[:6]
+    text = policy_text(tag, [], {"capped": ", budgets: {daily_usd: 5.0}"})
+    async with running_sim("qwen3-1.7b-fp8") as sim:
+        where = f'instances: [{{id: i-{tag}, url: "{sim.url}"}}]'
+        pol = parse_policy(text.replace("simulate: {profile: qwen3-1.7b-fp8}", where), "trace.yaml")
+        async with serve_router(pol, redis_url=redis_url, tracer=Tracing(SimpleSpanProcessor(exporter))) as base, \
+                httpx.AsyncClient(base_url=base, timeout=30, headers={"authorization": f"Bearer sk-capped-{tag}"}) as c:
+            r = await c.post("/v1/chat/completions", json={"model": FAST, "messages": MSGS, "max_tokens": 3},
+                             headers={"traceparent": TP})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+        async with httpx.AsyncClient(base_url=sim.url) as direct:
+            seen = (await direct.get("/admin/seen")).json()["requests"]
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root = spans[f"chat {FAST}"]
+    assert set(spans) == {root.name, "tokenize", "decide", "admit", "upstream", "settle"}
+    assert format(root.context.trace_id, "032x") == TP.split("-")[1]           # the client's trace continues
+    assert root.parent is not None and format(root.parent.span_id, "016x") == TP.split("-")[2]
+    for name in ("tokenize", "decide", "admit", "upstream", "settle"):
+        assert spans[name].parent is not None and spans[name].parent.span_id == root.context.span_id, name
+        assert root.start_time <= spans[name].start_time <= spans[name].end_time <= root.end_time, name
+    up = spans["upstream"]
+    want = f"00-{format(up.context.trace_id, '032x')}-{format(up.context.span_id, '016x')}-01"
+    assert seen[-1]["traceparent"] == want                                       # vLLM's spans go below it
+    a = root.attributes
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == FAST
+    assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert a["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert a["gen_ai.request.max_tokens"] == 3 and a["tiergate.tenant"] == f"capped-{tag}"
+    assert up.attributes["server.port"] == int(sim.url.rsplit(":", 1)[1])
+
+
+def test_tracing_setting_is_checked() -> None:
+    from router.tracing import Tracing
+
+    assert Tracing.from_settings("off", 1.0) is None
+    with pytest.raises(ValueError, match="off or otlp"):
+        Tracing.from_settings("jaeger", 1.0)
