@@ -6,20 +6,31 @@ STAMP := $(VENV)/.installed
 PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck check bench-overhead bench-sim bench-affinity bench-routing bench-failover \
+.PHONY: help install lock run test lint typecheck check bench-overhead bench-sim bench-affinity bench-routing bench-failover \
 	bench-accounting bench-reload bench-hardening bench-windows bench-peers clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
+LOCK := requirements.lock
+
 # Python and PyPI only. The dashboard's browser test finds or installs its own chromium.
-$(STAMP): pyproject.toml
+# Every dependency (with the dev and tracing extras) comes pinned, with hashes, from $(LOCK): a fresh
+# machine gets the versions the suite passed with. `make lock` re-resolves them from pyproject.toml.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install tiergate with dev tools
+install: $(STAMP) ## create .venv and install tiergate with dev tools, from the lock
+
+lock: ## re-resolve every dependency (dev and tracing extras) into requirements.lock, pinned with hashes
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links --extra dev --extra tracing \
+		-o $(LOCK) pyproject.toml
 
 run: $(STAMP) ## start tiergate on http://127.0.0.1:$(PORT) with embedded valkey and simulated Qwen3 tiers
 	$(BIN)/tiergate serve --port $(PORT)
