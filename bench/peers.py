@@ -68,7 +68,10 @@ from overhead import KEY, KEY_HASH, SHORT  # noqa: E402  (the same demo key and 
 from overhead import cpu_seconds as pid_cpu  # noqa: E402
 
 ROUTER_CPU, LOAD_CPU = 0, 1
-ALL = ("direct", "nginx", "sglang-router", "vllm-router", "aiohttp-passthrough", "tiergate")
+ALL = ("direct", "nginx", "sglang-router", "vllm-router", "aiohttp-passthrough", "tiergate", "tiergate-base",
+       "tiergate-tracing")
+# tiergate-base: tiergate from the checkout at BENCH_BASE_TREE (an earlier commit, for A/B in one run);
+# tiergate-tracing: tiergate with TIERGATE_TRACING=otlp, exporting to the fake backend (which answers 200)
 PEERS = ("sglang-router", "vllm-router", "aiohttp-passthrough")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -204,10 +207,11 @@ def redis_pid() -> int | None:
 
 # ---------------------------------------------------------------- processes
 
-def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None,
+          cwd: Path = ROOT) -> subprocess.Popen[bytes]:
     """A process pinned to the router core, in its own process group (stopped as a group)."""
     with log.open("wb") as f:
-        return subprocess.Popen(["taskset", "-c", str(ROUTER_CPU), *cmd], cwd=ROOT, env=env, stdout=f,
+        return subprocess.Popen(["taskset", "-c", str(ROUTER_CPU), *cmd], cwd=cwd, env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -264,14 +268,22 @@ def launch(name: str, fake: str, tmp: Path) -> tuple[Router, str]:
     if name == "aiohttp-passthrough":
         proc = start([py, str(ROOT / "bench" / "passthrough.py"), "--port", str(port), "--upstream", fake], log)
         return Router(name, base, b"m", {}, proc, log), base + "/health"
-    if name == "tiergate":
-        (tmp / "tiergate").mkdir(exist_ok=True)
-        pol = tmp / "tiergate" / "policy.yaml"
+    if name.startswith("tiergate"):
+        (tmp / name).mkdir(exist_ok=True)
+        pol = tmp / name / "policy.yaml"
         pol.write_text(POLICY.format(url=fake, hash=KEY_HASH))
         env = {**os.environ, "TIERGATE_POLICY_PATH": str(pol), "TIERGATE_LOG_LEVEL": "warning",
                "TIERGATE_DRAIN_GRACE_S": "0", "TIERGATE_REDIS_URL": REDIS_URL,
-               "TIERGATE_DATA_DIR": str(tmp / "tiergate")}
-        proc = start([py, "-m", "router.cli", "serve", "--port", str(port)], log, env)
+               "TIERGATE_DATA_DIR": str(tmp / name)}
+        tree = ROOT
+        if name == "tiergate-base":
+            tree = Path(os.environ.get("BENCH_BASE_TREE", ""))
+            if not (tree / "router" / "cli.py").exists():
+                raise RuntimeError("tiergate-base needs BENCH_BASE_TREE=<a checkout of an earlier commit>")
+            env["PYTHONPATH"] = str(tree)
+        if name == "tiergate-tracing":
+            env.update({"TIERGATE_TRACING": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": fake + "/v1/traces"})
+        proc = start([py, "-m", "router.cli", "serve", "--port", str(port)], log, env, cwd=tree)
         return Router(name, base, b"short", {"authorization": f"Bearer {KEY}"}, proc, log), base + "/ready"
     raise ValueError(name)
 
@@ -396,7 +408,7 @@ def bench_one(name: str, fake: str, seconds: float, idle_s: float, tmp: Path) ->
         if not wait_http_ok(ready, 90, alive):
             tail = r.log.read_text(errors="replace")[-600:] if r.log is not None and r.log.exists() else ""
             raise RuntimeError(f"did not become ready at {ready}: {tail.strip()}")
-        redis = redis_pid() if name == "tiergate" else None
+        redis = redis_pid() if name.startswith("tiergate") else None
         return asyncio.run(measure_router(r, seconds, idle_s, redis))
     finally:
         if r.proc is not None:
@@ -518,7 +530,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--seconds", type=float, default=8.0, help="each load's length (default 8)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported (default 3)")
-    ap.add_argument("--routers", default=",".join(ALL),
+    ap.add_argument("--routers", default=",".join(ALL[:6]),
                     help=f"comma list, a subset of {','.join(ALL)} (direct always runs: it is the TTFT baseline)")
     args = ap.parse_args()
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
