@@ -63,7 +63,10 @@ def _norm(name: str) -> str:
 
 def encode_query(qid: int, name: str, qtype: int) -> bytes:
     """A standard query (RD set) for `name`/`qtype`, class IN, with an EDNS0 OPT record (4096-byte replies)."""
-    labels = [label.encode("ascii") for label in _norm(name).split(".") if label]
+    try:
+        labels = [label.encode("ascii") for label in _norm(name).split(".") if label]
+    except UnicodeEncodeError:
+        raise DnsError(f"{name!r} is not an ASCII name") from None
     if any(len(label) > 63 for label in labels):
         raise DnsError(f"a label of {name!r} is longer than 63 characters")
     qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"

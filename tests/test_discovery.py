@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSRecord
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
 import router.app
 from backends.dns import Endpoint, resolve
@@ -152,6 +152,39 @@ async def test_resolver_reads_a_aaaa_and_srv_from_a_loopback_server(dns: Loopbac
         assert await resolve(NAME, "SRV", None, dns.nameserver) == [Endpoint("127.0.0.1", 8101),
                                                                     Endpoint("127.0.0.1", 8102)]
     assert await resolve("nothing.tiergate.test", "A", 80, dns.nameserver) == []     # NXDOMAIN: no records
+
+
+class _Udp512(DNSHandler):  # type: ignore[misc]
+    udplen = 512                # replies over 512 bytes go out truncated (TC), as a plain UDP server's would
+
+
+def _port_free_for_udp_and_tcp() -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, socket.socket(socket.AF_INET,
+                                                                                     socket.SOCK_DGRAM) as u:
+            t.bind(("127.0.0.1", 0))
+            try:
+                u.bind(("127.0.0.1", t.getsockname()[1]))
+            except OSError:
+                continue
+            return int(t.getsockname()[1])
+
+
+async def test_a_truncated_reply_is_asked_again_over_tcp() -> None:
+    dns = LoopbackDns()
+    dns.port = _port_free_for_udp_and_tcp()
+    ports = list(range(9000, 9040))
+    dns.srv(ports)
+    servers = [DNSServer(dns.zone, port=dns.port, address="127.0.0.1", logger=_Quiet(), handler=_Udp512),
+               DNSServer(dns.zone, port=dns.port, address="127.0.0.1", logger=_Quiet(), tcp=True)]
+    for server in servers:
+        server.start_thread()
+    try:
+        assert await resolve(NAME, "SRV", None, dns.nameserver) == [Endpoint("127.0.0.1", p) for p in ports]
+    finally:
+        for server in servers:
+            await asyncio.to_thread(server.stop)
+            server.server.server_close()
 
 
 async def drive(base: str, stop: asyncio.Event, seen: Counter[str], failures: list[str]) -> None:
