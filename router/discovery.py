@@ -22,7 +22,8 @@ both keep the last set: a DNS outage, or a Service briefly without endpoints, ne
 once, not every interval. `tiergate_discovered_instances{tier}` is the size of the last set.
 
 Start-up: `start()` resolves every discovering tier once before the router serves, then starts the
-tasks (a tier whose first resolution fails has no discovered instance until one succeeds). Policy reload: `sync()` (after `Registry.apply`, which keeps the discovered instances of tiers
+tasks (a tier whose first resolution fails has no discovered instance until one succeeds).
+Policy reload: `sync()` (after `Registry.apply`, which keeps the discovered instances of tiers
 that still discover) restarts the task of a tier whose `discover` changed (it resolves at once; until
 then the old set stays), starts those of new tiers and stops those of tiers that no longer discover.
 """
