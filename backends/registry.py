@@ -37,6 +37,7 @@ class InstanceState:
     kv_usage: float = 0.0                   # vllm:kv_cache_usage_perc, 0..1
     scraped_at: float | None = None
     kv_events: str | None = None            # vLLM KV-event endpoint (ZMQ), from the policy
+    kv_events_dp_ranks: int = 1             # data-parallel ranks publishing there (port + rank)
     kv_capacity_blocks: int | None = None   # from the policy, else scraped (vllm:cache_config_info)
     peer_in_flight: int = 0                 # the same counts from the other router replicas (LoadSync)
     peer_pending_requests: int = 0
@@ -83,26 +84,20 @@ class Registry:
         self.urls = dict(urls or {})                     # instances started for simulated tiers
         self.tiers: dict[str, TierRuntime] = {}
         self.route_output_tokens: dict[str, Ewma] = {}   # per virtual model: real completion lengths
+        self.discovered: dict[str, list[InstanceSpec]] = {}   # per tier: instances found by DNS
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
         """Adopt a (re)loaded policy. Tiers and instances are matched by name and by id and URL: a kept one
         keeps its health, ejections, load and learned EWMAs; a removed one is dropped here while requests
-        already on it finish. Synchronous, so no request sees half of it."""
+        already on it finish. Instances found by DNS (`set_discovered`) stay while their tier still
+        discovers. Synchronous, so no request sees half of it."""
+        self.discovered = {t: found for t, found in self.discovered.items()
+                           if t in policy.tiers and policy.tiers[t].discover is not None}
         tiers: dict[str, TierRuntime] = {}
         for name, spec in policy.tiers.items():
             old = self.tiers.get(name)
-            kept = {(i.instance_id, i.url): i for i in old.instances} if old is not None else {}
-            insts = []
-            for i in list(spec.instances) or self.urls.get(name, []):
-                cur = kept.get((i.id, i.url.rstrip("/")))
-                if cur is None:
-                    cur = InstanceState(name, i.id, i.url.rstrip("/"))
-                cur.kv_events = i.kv_events
-                cur.headers = upstream_headers(spec, i)   # its API key (policies/upstream_auth.py)
-                if i.kv_capacity_blocks is not None or cur.kv_capacity_blocks is None:
-                    cur.kv_capacity_blocks = i.kv_capacity_blocks  # else keep what /metrics told us
-                insts.append(cur)
+            insts = self._states(name, spec, old.instances if old is not None else [])
             if old is None:
                 rt = TierRuntime(name, spec, insts)
             else:
@@ -111,6 +106,36 @@ class Registry:
                 rt.prefill_tps.value = spec.prefill_tokens_per_s
             tiers[name] = rt
         self.tiers = tiers
+
+    def set_discovered(self, tier: str, found: list[InstanceSpec]) -> bool:
+        """Replace the instances DNS found for `tier` (router/discovery.py), in one synchronous step: new ones
+        join, gone ones leave (requests already on them finish), kept ones keep their state. True if changed."""
+        rt = self.tiers.get(tier)
+        if rt is None or rt.spec.discover is None or self.discovered.get(tier, []) == found:
+            return False
+        self.discovered[tier] = list(found)
+        rt.instances = self._states(tier, rt.spec, rt.instances)
+        return True
+
+    def _states(self, name: str, spec: TierSpec, current: list[InstanceState]) -> list[InstanceState]:
+        """The tier's instances: listed (or simulated), then discovered ones whose id and URL no listed one has;
+        those matching a current instance by id and URL are that same object."""
+        kept = {(i.instance_id, i.url): i for i in current}
+        specs = list(spec.instances) or self.urls.get(name, [])
+        ids, urls = {i.id for i in specs}, {i.url.rstrip("/") for i in specs}
+        specs += [i for i in self.discovered.get(name, ()) if i.id not in ids and i.url.rstrip("/") not in urls]
+        insts = []
+        for i in specs:
+            cur = kept.get((i.id, i.url.rstrip("/")))
+            if cur is None:
+                cur = InstanceState(name, i.id, i.url.rstrip("/"))
+            cur.kv_events = i.kv_events
+            cur.kv_events_dp_ranks = i.kv_events_dp_ranks
+            cur.headers = upstream_headers(spec, i)   # its API key (policies/upstream_auth.py), else the tier's
+            if i.kv_capacity_blocks is not None or cur.kv_capacity_blocks is None:
+                cur.kv_capacity_blocks = i.kv_capacity_blocks  # else keep what /metrics told us
+            insts.append(cur)
+        return insts
 
     def candidates(self, tiers: tuple[str, ...], cached: dict[str, int] | None = None) -> list[Candidate]:
         """A snapshot of every instance of `tiers`; `cached`: expected cached tokens by candidate key."""

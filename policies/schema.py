@@ -53,6 +53,19 @@ class SimulateSpec(msgspec.Struct, **STRICT):
     time_scale: float = 1.0
 
 
+class DiscoverSpec(msgspec.Struct, **STRICT):
+    """Instances from DNS, re-resolved every `interval_s` (router/discovery.py, backends/dns.py)."""
+
+    dns: str                                # the name to resolve, e.g. a Kubernetes headless Service
+    record: str = "A"                       # A: every A/AAAA address at `port`; SRV: every target:port
+    port: int | None = None                 # required for A (SRV records carry their own)
+    scheme: str = "http"                    # http | https
+    interval_s: float = 5.0                 # re-resolve period, >= 0.5
+    kv_events_port: int | None = None       # each instance publishes vLLM KV events at tcp://<address>:<port>
+    kv_events_dp_ranks: int = 1
+    nameserver: str | None = None           # "host[:port]": ask this DNS server directly (else the system's)
+
+
 class TierSpec(msgspec.Struct, **STRICT):
     model: str
     max_model_len: int
@@ -70,6 +83,7 @@ class TierSpec(msgspec.Struct, **STRICT):
     instances: list[InstanceSpec] = []
     simulate: SimulateSpec | None = None
     affinity: AffinitySpec = AffinitySpec()
+    discover: DiscoverSpec | None = None        # instances from DNS, besides the listed ones (union)
 
 
 class SloClass(msgspec.Struct, **STRICT):
@@ -262,7 +276,7 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
     from policies.models import alias_errors
     from policies.registry import KNOWN_FILTERS, KNOWN_PICKERS, KNOWN_SCORERS
     from policies.upstream_auth import api_key_errors
-    from policies.urls import instance_endpoint_errors
+    from policies.urls import discover_errors, instance_endpoint_errors
 
     errs: list[tuple[str, str]] = api_key_errors(policy)
     if policy.version != 1:
@@ -283,8 +297,13 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
         for price in ("input", "cached_input", "output"):
             if getattr(tier.prices, price) < 0:
                 errs.append((f"{base}.prices.{price}", "must be >= 0"))
-        if not tier.instances and tier.simulate is None:
-            errs.append((f"{base}.instances", "a tier needs instances (or `simulate` for the embedded default)"))
+        if not tier.instances and tier.simulate is None and tier.discover is None:
+            errs.append((f"{base}.instances", "a tier needs instances, `discover` (DNS), or `simulate` "
+                         "for the embedded default"))
+        if tier.discover is not None:
+            if tier.simulate is not None:
+                errs.append((f"{base}.discover", "a tier discovers its instances or is simulated, not both"))
+            errs.extend((f"{base}.discover.{field}", message) for field, message in discover_errors(tier.discover))
         aff = tier.affinity
         if aff.dense_blocks < 1:
             errs.append((f"{base}.affinity.dense_blocks", "must be >= 1"))

@@ -15,6 +15,9 @@ Instance URL: `http(s)://host[:port][/path]`, exactly.
   `http://good@evil` reads as good but goes to evil; tiergate sends no upstream credentials), a query
   (`?`) and a fragment (`#`) (the router appends `/v1/...` to the base URL).
 
+Discovery (`discover:` of a tier): `dns` is a DNS name (not an address); `nameserver` is an IP address
+(IPv6 in brackets) with an optional `:port` (default 53), since the router speaks DNS to it directly.
+
 KV-event endpoint (the router connects a ZMQ SUB socket to it): `tcp://host:port`, with host as above
 (no `*`: a subscriber connects, it does not bind), or `ipc://<path>` (printable ASCII, no space).
 """
@@ -22,8 +25,13 @@ KV-event endpoint (the router connects a ZMQ SUB socket to it): `tcp://host:port
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import urllib.parse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from policies.schema import DiscoverSpec
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 _PATH = re.compile(r"^(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)*$")
@@ -140,4 +148,53 @@ def instance_endpoint_errors(url: str, kv_events: str | None, dp_ranks: int) -> 
     if not 1 <= dp_ranks <= 256 or (dp_ranks > 1 and (port is None or port + dp_ranks - 1 > 65535)):
         errs.append(("kv_events_dp_ranks", "must be 1..256; above 1 needs a tcp://host:port kv_events "
                      "(rank r adds r to the port, which must stay <= 65535)"))
+    return errs
+
+
+_NAMESERVER = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?|([0-9.]+)(?::([0-9]{1,5}))?")
+
+
+def nameserver_address(text: str) -> tuple[str, int] | None:
+    """(address, port) of a `nameserver`: "ip", "ip:port", "[ipv6]" or "[ipv6]:port" (port 53 if left out);
+    None when it is none of these."""
+    m = _NAMESERVER.fullmatch(text)
+    if m is None:
+        return None
+    v6, v6_port, v4, v4_port = m.groups()
+    try:
+        host = str(ipaddress.IPv6Address(v6) if v6 is not None else ipaddress.IPv4Address(v4))
+    except ValueError:
+        return None
+    port = int(v6_port or v4_port or 53)
+    return (host, port) if 1 <= port <= 65535 else None
+
+
+def discover_errors(spec: DiscoverSpec) -> list[tuple[str, str]]:
+    """(field, message) for a tier's `discover` section."""
+    errs: list[tuple[str, str]] = []
+    dns_err = host_error(spec.dns) if _printable_ascii(spec.dns) else "must be printable ASCII"
+    if dns_err or spec.dns.startswith("[") or re.fullmatch(r"[0-9.]+", spec.dns):
+        errs.append(("dns", "must be a DNS name to resolve (letters, digits, '-', '.'), not an address"))
+    if spec.record not in ("A", "SRV"):
+        errs.append(("record", "must be A (every A/AAAA address, at `port`) or SRV (every target:port)"))
+    if spec.record == "A" and spec.port is None:
+        errs.append(("port", "record A needs the port the instances listen on"))
+    elif spec.record == "SRV" and spec.port is not None:
+        errs.append(("port", "SRV records carry their own ports: leave `port` out"))
+    elif spec.port is not None and not 1 <= spec.port <= 65535:
+        errs.append(("port", "must be a number from 1 to 65535"))
+    if spec.scheme not in ("http", "https"):
+        errs.append(("scheme", "must be http or https"))
+    if not (math.isfinite(spec.interval_s) and spec.interval_s >= 0.5):
+        errs.append(("interval_s", "must be >= 0.5 (seconds)"))
+    kv = spec.kv_events_port
+    if kv is not None and not 1 <= kv <= 65535:
+        errs.append(("kv_events_port", "must be a number from 1 to 65535"))
+    if not 1 <= spec.kv_events_dp_ranks <= 256 or (spec.kv_events_dp_ranks > 1 and (
+            kv is None or kv + spec.kv_events_dp_ranks - 1 > 65535)):
+        errs.append(("kv_events_dp_ranks", "must be 1..256; above 1 needs kv_events_port "
+                     "(rank r adds r to the port, which must stay <= 65535)"))
+    if spec.nameserver is not None and nameserver_address(spec.nameserver) is None:
+        errs.append(("nameserver", "must be an IP address with an optional port: 10.96.0.10, 10.96.0.10:53 "
+                     "or [fd00::10]:53"))
     return errs

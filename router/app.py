@@ -33,6 +33,7 @@ from router.budget_store import BudgetStore
 from router.deadlines import Deadlines
 from router.decision_records import RedisDecisionRecords
 from router.decision_routes import decision_handlers
+from router.discovery import Discovery
 from router.drain import DrainController
 from router.errors import ApiError, error_body
 from router.gateway import Gateway
@@ -130,12 +131,14 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         for key, sub in want.items():
             if key not in kv_tasks:
                 kv_tasks[key] = asyncio.create_task(sub.run(), name=f"kv-events-{sub.tier}-{sub.instance}")
+    discovery = Discovery(registry, metrics, on_change=sync_kv_subscribers)   # DNS (router/discovery.py)
 
     def apply_policy(view: PolicyView) -> None:
         """Swap a validated policy in, in one synchronous step (requests already running keep theirs)."""
         old = gw.view.version
         gw.view = view
         registry.apply(view.policy)
+        discovery.sync(view.policy)
         accountant.policy = view.policy
         if accountant.store is not None:
             accountant.store.ledger_maxlen = view.policy.accounting.ledger_maxlen
@@ -164,6 +167,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        await discovery.start(gw.policy)   # each discovering tier resolved once before serving
         await probe_once(client, registry)
         if store is not None:
             try:
@@ -203,7 +207,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         finally:
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            tasks.extend(kv_tasks.values())
+            tasks.extend([*kv_tasks.values(), *discovery.tasks()])
             for task in tasks:
                 task.cancel()
             _, stuck = await asyncio.wait(tasks, timeout=5)  # bounded: a task that ignores its cancel can't hang us

@@ -290,8 +290,7 @@ def kv_subscribers(policy: Policy, registry: Registry, store: AffinityStore,
         if inst.kv_events is None or not tier.affinity.enabled:
             continue
         aff = tier.affinity
-        ranks = next((s.kv_events_dp_ranks for s in tier.instances if s.id == inst.instance_id), 1)
-        endpoints = [dp_endpoint(inst.kv_events, r) for r in range(ranks)]
+        endpoints = [dp_endpoint(inst.kv_events, r) for r in range(inst.kv_events_dp_ranks)]
         indexer = InstanceIndexer(tier_seed(inst.tier, tier.model, tier.block_size), tier.block_size,
                                   aff.dense_blocks, aff.max_blocks, registry.capacity_blocks(inst))
         subs[(inst.tier, inst.instance_id, " ".join(endpoints))] = KVEventSubscriber(

@@ -143,7 +143,8 @@ class PolicyReloader:
     def _prepare(self, policy: Policy) -> PolicyView:
         """Blocking, on the executor: the checks that need this process, then the view (profiles, key index,
         tokenizers)."""
-        missing = [t for t, spec in policy.tiers.items() if not spec.instances and t not in self.simulated]
+        missing = [t for t, spec in policy.tiers.items()
+                   if not spec.instances and spec.discover is None and t not in self.simulated]
         if missing:
             raise PolicyError(f"$.tiers.{missing[0]}.instances", "a tier without listed instances is "
                               "simulated, and simulators start with the process: list its instances, "

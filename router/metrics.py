@@ -109,6 +109,11 @@ class RouterMetrics:
                                 multiprocess_mode="livesum")
         self.swept = Counter("tiergate_reservations_expired", "Reservations released by the sweeper (a router "
                              "died mid-request).", ["tenant"], registry=r)
+        self.discovery = Counter("tiergate_discovery_resolutions", "DNS resolutions of discovering tiers by result "
+                                 "(ok; empty: no records, error: failed, the last set kept either way).",
+                                 ["tier", "result"], registry=r)
+        self.discovered = Gauge("tiergate_discovered_instances", "Instances of the tier found by DNS, as last set.",
+                                ["tier"], registry=r, multiprocess_mode="livemax")
         self.policy_reloads = Counter("tiergate_policy_reloads", "Policy file reloads by result (reloaded, invalid).",
                                       ["result"], registry=r)
         self.policy_info = Gauge("tiergate_policy_info", "1 for the running policy's version.", ["version"],

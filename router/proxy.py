@@ -155,7 +155,7 @@ class Forwarder(Relay):
             return None
         inst = self.registry.find(cand.tier, cand.instance_id)
         if inst is None:
-            out.failed.append(f"{cand.key}: removed by a policy reload")
+            out.failed.append(f"{cand.key}: removed (a policy reload or DNS discovery)")
         return inst
 
     def _retry_slot(self, cand: Candidate, inst: InstanceState, tries: _Tries, out: Outcome) -> bool | None:
