@@ -81,6 +81,25 @@ def test_stdlib_loggers_write_json_with_the_bound_request_id(json_logs: io.Strin
     assert [d.get("request_id") for d in lines] == [rid, rid, rid, None]
 
 
+async def test_a_library_logging_inside_a_request_carries_its_request_id(json_logs: io.StringIO) -> None:
+    """httpx (the upstream client here) logs each upstream request at INFO, inside the request's context."""
+    sim = await start_sim("qwen3-1.7b-fp8", time_scale=0.1)
+    rid = "rid-" + uuid.uuid4().hex
+    try:
+        async with serve_router(fast_only_policy(), {"fast": [("x", sim.url)]}, http_client="httpx") as url, \
+                httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {DEMO_KEY}"}) as c:
+            r = await c.post("/v1/chat/completions", headers={"x-request-id": rid}, json={
+                "model": "qwen3-1.7b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+    finally:
+        await sim.close()
+    lines = _lines(json_logs.getvalue())
+    upstream = [d for d in lines if d.get("logger") == "httpx" and f"POST {sim.url}" in d["event"]]
+    assert upstream and all(d.get("request_id") == rid for d in upstream), lines
+    probes = [d for d in lines if d.get("logger") == "httpx" and f"GET {sim.url}" in d["event"]]
+    assert all("request_id" not in d for d in probes), probes   # background work: no request's id
+
+
 def test_exceptions_render_as_types_and_frames_never_their_message(json_logs: io.StringIO) -> None:
     secret = "sk-secret-" + uuid.uuid4().hex
 
