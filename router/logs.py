@@ -10,6 +10,7 @@ lines: `event`, `level`, `timestamp`, `logger`, and the request's context (`requ
 their type and frames (`exception`: [{type, frames}], causes after), never their message, which may
 quote a request body or a header; asyncio's messages lose the reprs they carry (a finished task's repr
 names its exception's message). Uncaught exceptions in threads and the main thread log the same way.
+httpx's line per request (and per probe) shows at level=debug only.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def stdlib_handler(stream: TextIO) -> logging.Handler:
 FOREIGN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar", "redis", "asyncio", "aiohttp",
                    "httpx", "httpcore", "py.warnings")
 
+_CHATTY = frozenset({"httpx", "httpcore"})
+
 
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """structlog's JSON lines on `stream` (stdout), and every stdlib logger's through the same processors."""
@@ -139,6 +142,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
+        if name in _CHATTY:   # a line per upstream request and probe at INFO: only with level=debug
+            lg.setLevel(max(lvl, logging.WARNING) if lvl > logging.DEBUG else lvl)
     logging.captureWarnings(True)   # warnings.warn -> the py.warnings logger, as JSON
     sys.excepthook = _uncaught
     threading.excepthook = _uncaught_in_thread

@@ -39,7 +39,8 @@ def json_logs() -> Iterator[io.StringIO]:
     """configure_logging onto a buffer; the logging state before it restored after the test."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, sys.excepthook, threading.excepthook, warnings.showwarning,
-             {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in FOREIGN_LOGGERS})
+             {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
+              for n in FOREIGN_LOGGERS})
     buf = io.StringIO()
     configure_logging("info", buf)
     try:
@@ -51,9 +52,10 @@ def json_logs() -> Iterator[io.StringIO]:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         sys.excepthook, threading.excepthook, warnings.showwarning = saved[2], saved[3], saved[4]
-        for name, (handlers, propagate) in saved[5].items():
+        for name, (handlers, propagate, level) in saved[5].items():
             logging.getLogger(name).handlers[:] = handlers
             logging.getLogger(name).propagate = propagate
+            logging.getLogger(name).setLevel(level)
 
 
 def _lines(text: str) -> list[dict[str, Any]]:
@@ -83,6 +85,8 @@ def test_stdlib_loggers_write_json_with_the_bound_request_id(json_logs: io.Strin
 
 async def test_a_library_logging_inside_a_request_carries_its_request_id(json_logs: io.StringIO) -> None:
     """httpx (the upstream client here) logs each upstream request at INFO, inside the request's context."""
+    assert logging.getLogger("httpx").level == logging.WARNING   # that is a line per request: off but at debug
+    logging.getLogger("httpx").setLevel(logging.INFO)
     sim = await start_sim("qwen3-1.7b-fp8", time_scale=0.1)
     rid = "rid-" + uuid.uuid4().hex
     try:
