@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-import redis.asyncio as aioredis
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
@@ -45,7 +44,7 @@ from router.logs import get_logger
 from router.metrics import RouterMetrics, instance_gauges_forever, tenant_labeler, write_instance_gauges
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
-from router.redis_pool import close_redis, make_redis
+from router.redis_pool import RedisClient, close_redis, make_redis
 from router.replay.record import TraceRecorder
 from router.settings import Settings
 from router.shadow import Shadow
@@ -58,7 +57,7 @@ JSON = "application/json"
 
 
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
-               redis: aioredis.Redis | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
+               redis: RedisClient | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
                tokenizers: TokenizerCache | None = None, watch_policy: bool | None = None,
                drain: DrainController | None = None) -> Litestar:
     """`watch_policy`: hot-reload `settings.policy_path` (default: when the policy is loaded from it here).
@@ -389,7 +388,7 @@ async def until_gone(work: Coroutine[Any, Any, T], receive: Callable[[], Awaitab
     raise exc         # the request's body and parsed JSON alive until the garbage collector runs
 
 
-async def _note_version(store: aioredis.Redis, version: str) -> None:
+async def _note_version(store: RedisClient, version: str) -> None:
     try:
         async with asyncio.timeout(1.0):
             await store.set("tiergate:policy:version", version)

@@ -27,10 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from router import budget_lua
 from router.redis_batch import Call, pipelined
+from router.redis_pool import RedisClient, register
 
 COST_SCALE = 10**10          # units per USD
 PRICE_SCALE = COST_SCALE // 10**6  # units per token for a price of 1 USD per 1M tokens
@@ -109,18 +108,18 @@ class Usage:
 
 
 class BudgetStore:
-    def __init__(self, redis: aioredis.Redis, *, clock_ms: Callable[[], int] | None = None,
+    def __init__(self, redis: RedisClient, *, clock_ms: Callable[[], int] | None = None,
                  keep_s: float = 7 * 86400, ledger_maxlen: int = 1_000_000, retention_days: int = 400) -> None:
         self.redis = redis
         self.clock_ms = clock_ms          # None: Redis TIME
         self.keep_ms = int(keep_s * 1000)  # how long a settled id stays known (idempotent replays)
         self.ledger_maxlen = ledger_maxlen
         self.retention_days = retention_days  # the daily aggregate keys expire this long after their last write
-        self._admit: Any = redis.register_script(budget_lua.ADMIT)
-        self._settle: Any = redis.register_script(budget_lua.SETTLE)
-        self._sweep: Any = redis.register_script(budget_lua.SWEEP)
-        self._release: Any = redis.register_script(budget_lua.RELEASE)
-        self._status: Any = redis.register_script(budget_lua.STATUS)
+        self._admit: Any = register(redis, budget_lua.ADMIT)
+        self._settle: Any = register(redis, budget_lua.SETTLE)
+        self._sweep: Any = register(redis, budget_lua.SWEEP)
+        self._release: Any = register(redis, budget_lua.RELEASE)
+        self._status: Any = register(redis, budget_lua.STATUS)
 
     def _now(self) -> str:
         return "" if self.clock_ms is None else str(self.clock_ms())

@@ -37,11 +37,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from router.logs import get_logger
 from router.metrics import RouterMetrics
+from router.redis_pool import RedisClient
 
 __all__ = ["MAX_BATCH", "MAX_QUEUE", "WINDOW_S", "Call", "MicroBatcher", "pipelined"]
 
@@ -151,7 +151,7 @@ class MicroBatcher(Generic[T]):
                 await self._flush(self._take(), False)
 
 
-async def pipelined(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
+async def pipelined(redis: RedisClient, calls: Sequence[Call]) -> list[Any]:
     """One round trip: each call one EVALSHA, in one pipeline (transaction=False). -> the replies in order, a
     command's own error as its exception object. Raises when the round trip fails as a whole (the caller
     sets the deadline). Scripts Redis does not know (NOSCRIPT) are loaded and their calls sent again."""
@@ -167,7 +167,7 @@ async def pipelined(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
-async def _send(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
+async def _send(redis: RedisClient, calls: Sequence[Call]) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:   # its connection goes back on exit, even cancelled
         for script, keys, args in calls:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
