@@ -4,10 +4,10 @@ Layout: `{tg:aff:<tier>}:<instance>` is a ZSET of 8-byte block hashes (see
 `prefix_hash`); one hash tag per tier, so a tier's instances share a Redis Cluster slot and tiers spread
 over the shards. (Before the cluster release every tier shared one tag, `{tiergate-aff}:<tier>:<instance>`;
 an upgrade leaves those keys to expire by their TTL and the index rebuilds itself from new traffic: the
-first requests after it route without affinity, as after a Redis restart.) A member's score is `redis_ms * 1024 - i`, where i is the block's
-sample index in the request that recorded it: newer requests score higher, and
-within a request the tail scores lower than the prefix, so trimming the lowest
-scores evicts least-recently-used chains tail first, like vLLM's block pool.
+first requests after it route without affinity, as after a Redis restart.) A member's score is
+`redis_ms * 1024 - i`, where i is the block's sample index in the request that recorded it: newer requests
+score higher, and within a request the tail scores lower than the prefix, so trimming the lowest scores
+evicts least-recently-used chains tail first, like vLLM's block pool.
 
 * `lookup`: one EVALSHA per tier (one round trip for all tiers of a request: a pipeline when there are
   several, each script in its tier's slot). For each instance
@@ -24,8 +24,8 @@ scores evicts least-recently-used chains tail first, like vLLM's block pool.
 * `remove` / `clear`: engine KV events (BlockRemoved, AllBlocksCleared).
 
 Scripts use Redis' TIME, so every replica shares one clock (a test may inject one, `clock_ms`). Each
-script touches the keys of one tier, one hash tag, so the scripts also run on a Redis Cluster. router/replay/affinity_twin.py is
-the in-memory twin (tests/test_store_contract.py runs both alike).
+script touches the keys of one tier, one hash tag, so the scripts also run on a Redis Cluster.
+router/replay/affinity_twin.py is the in-memory twin (tests/test_store_contract.py runs both alike).
 
 Failure mode: affinity fails open. Every call has a short timeout; failures feed a
 circuit breaker (closed -> open for `cooldown_s` after `failures` consecutive errors

@@ -88,7 +88,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                              on_result=lambda result: metrics.child(metrics.load_sync, result).inc())
     journal = Journal(Path(settings.data_dir) / "journal")
     accountant = Accountant(policy, BudgetStore(store, ledger_maxlen=policy.accounting.ledger_maxlen,
-                                        retention_days=policy.accounting.usage_retention_days)
+                                        retention_days=policy.accounting.usage_retention_days,
+                                        wait_replicas=settings.redis_wait_replicas,
+                                        wait_timeout_ms=settings.redis_wait_timeout_ms)
                             if store is not None else None, journal, metrics,
                             timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
     tokenizers = tokenizers or TokenizerCache()

@@ -23,24 +23,31 @@ it refuses to discover the cluster again), and `close_redis` also closes a Senti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import weakref
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import unquote
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 RedisClient = aioredis.Redis | RedisCluster   # what the stores take: one node (or Sentinel's master), or a cluster
 
 SOCKET_BACKSTOP_S = 2.0   # the socket timeout of every read and send: a backstop above every caller's own
-CLUSTER_RETRIES = 2       # a cluster call that hit a dead node retries after the slot map is read again
+RETIRE_AFTER_S = 1.0      # a node the slot map dropped is disconnected this long after (its commands in flight end)
+CLUSTER_RETRIES = 0       # as on one node: a call that hit a dead node fails (its caller's failure path), and
+                          # the next call reads the slot map again (redis-py's retry closes every connection
+                          # of the client and sleeps 250 ms; its pipeline retry resends commands)
 
 
 def _pack(conn: aioredis.Connection, args: tuple[Any, ...]) -> list[bytes] | None:
@@ -135,6 +142,53 @@ class ClusterConnection(PackedConnection):
             tg_made.add(self)
 
 
+class ClosingNodesManager(NodesManager):
+    """redis-py's slot map, which also closes the nodes it drops. When a failover changes the map, redis-py
+    disconnects a dropped node's idle connections but only marks those in use, and a node object that it
+    replaces (or one it made while asking the map) keeps its sockets until the garbage collector warns.
+    Here every dropped node with connections is held and fully disconnected a second later (after the
+    commands in flight on it), or at `close_redis`."""
+
+    __slots__ = ("retire_tasks", "retiring")
+    retiring: set[ClusterNode]
+    retire_tasks: set[asyncio.Task[None]]
+
+    @classmethod
+    def replacing(cls, nm: NodesManager) -> ClosingNodesManager:
+        new = cls(list(nm.startup_nodes.values()), nm.require_full_coverage, nm.connection_kwargs,
+                  dynamic_startup_nodes=nm._dynamic_startup_nodes, address_remap=nm.address_remap,
+                  event_dispatcher=nm._event_dispatcher)
+        new.retiring, new.retire_tasks = set(), set()
+        return new
+
+    def set_nodes(self, old: dict[str, ClusterNode], new: dict[str, ClusterNode], remove_old: bool = False) -> None:
+        candidates = [*old.values(), *new.values()]
+        super().set_nodes(old, new, remove_old)
+        live = {id(n) for n in [*self.nodes_cache.values(), *self.startup_nodes.values(), *old.values()]}
+        for node in candidates:
+            if id(node) in live:
+                continue
+            if node._connections and node not in self.retiring:
+                self.retiring.add(node)
+                task = asyncio.get_running_loop().create_task(self._retire(node))
+                self.retire_tasks.add(task)
+                task.add_done_callback(self.retire_tasks.discard)
+
+    async def _retire(self, node: ClusterNode) -> None:
+        await asyncio.sleep(RETIRE_AFTER_S)
+        with contextlib.suppress(Exception):
+            await node.disconnect()
+        self.retiring.discard(node)
+
+    async def close_retiring(self) -> None:
+        for task in list(self.retire_tasks):
+            task.cancel()
+        for node in list(self.retiring):
+            with contextlib.suppress(Exception):
+                await node.disconnect()
+        self.retiring.clear()
+
+
 class ClosingCluster(RedisCluster):
     """A RedisCluster that, once closed, does not discover the cluster again (no sockets after shutdown)."""
 
@@ -145,6 +199,13 @@ class ClosingCluster(RedisCluster):
         if self.closed:
             raise RedisConnectionError("the router's Redis cluster client is closed (shutting down)")
         return await super().initialize()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py picks a command's node before it reads the slot map the first time: the calls made while
+        # the first one reads it went to any node (MOVED, and every 5th MOVED closed every connection)
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
 
 def _nodes(netloc: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -186,20 +247,22 @@ def parse_url(url: str) -> tuple[str, list[tuple[str, int]], dict[str, Any]]:
 
 
 def make_redis(url: str, timeout_s: float) -> RedisClient:
-    """The router's Redis: no retries on one node, so a sick Redis can't stall requests (a cluster retries
-    a call that hit a dead node `CLUSTER_RETRIES` times, briefly, after reading the slot map again: how it
-    follows a failover). Each hot-path call is bounded by its caller's own deadline (`asyncio.timeout`:
-    affinity, admission, windows, load sync, settlement); the socket timeout is only a backstop
-    (`SOCKET_BACKSTOP_S`) for calls that have none (admin reads). `timeout_s` bounds connecting."""
+    """The router's Redis: no retries, so a sick Redis can't stall requests (a cluster call that hit a dead
+    node fails, and the next one reads the slot map again: that is how it follows a failover; a Sentinel
+    client asks the sentinels for the master on its next connection). Each hot-path call is bounded by its
+    caller's own deadline (`asyncio.timeout`: affinity, admission, windows, load sync, settlement); the
+    socket timeout is only a backstop (`SOCKET_BACKSTOP_S`) for calls that have none (admin reads).
+    `timeout_s` bounds connecting."""
     kind, nodes, extra = parse_url(url)
     connect = max(timeout_s, 0.2)
     if kind == "cluster":
         client = ClosingCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in nodes], socket_timeout=SOCKET_BACKSTOP_S,
             socket_connect_timeout=connect, health_check_interval=0, username=extra.get("username"),
-            password=extra.get("password"), ssl=extra["ssl"],
+            password=extra.get("password"), ssl=extra["ssl"], reinitialize_steps=0,   # MOVED: patch the map
             retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), CLUSTER_RETRIES))
         client.made = weakref.WeakSet()
+        client.nodes_manager = ClosingNodesManager.replacing(client.nodes_manager)
         if not extra["ssl"]:
             client.connection_kwargs["connection_class"] = ClusterConnection   # the nodes it discovers
             client.connection_kwargs["tg_made"] = client.made
@@ -244,6 +307,8 @@ async def close_redis(client: RedisClient) -> None:
         for node in [*client.nodes_manager.nodes_cache.values(), *client.nodes_manager.startup_nodes.values()]:
             with contextlib.suppress(Exception):
                 await node.disconnect()
+        if isinstance(client.nodes_manager, ClosingNodesManager):
+            await client.nodes_manager.close_retiring()
         for conn in made:
             if conn.is_connected:
                 with contextlib.suppress(Exception):
@@ -260,6 +325,42 @@ async def close_redis(client: RedisClient) -> None:
                 await s.aclose()
 
 
-def register(client: RedisClient, script: str) -> Any:
-    """`client.register_script(script)` for either client type (redis-py types it for `Redis` alone)."""
-    return cast(Any, client).register_script(script)
+class Script:
+    """A Lua script run by EVALSHA; on NOSCRIPT (a restarted node, a replica promoted by a failover) it is
+    loaded (`load_script`: on every node of a cluster) and run once more. redis-py's own loads it through
+    the client's slot map, which may not list a just-promoted master as one yet."""
+
+    def __init__(self, client: RedisClient, script: str) -> None:
+        self.client = client
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self._loading: asyncio.Task[None] | None = None
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await self.load()
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+
+    async def load(self) -> None:
+        """One load at a time, shared by every call that met NOSCRIPT meanwhile."""
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.get_running_loop().create_task(load_script(self.client, self.script))
+        await asyncio.shield(self._loading)
+
+
+async def load_script(client: RedisClient, script: str) -> None:
+    """SCRIPT LOAD on one node, or on every node of a cluster, replicas too (a replica promoted later has
+    it already); a node that does not answer is skipped."""
+    if not isinstance(client, RedisCluster):
+        await client.script_load(script)
+        return
+    for node in client.get_nodes():
+        with contextlib.suppress(Exception):
+            await client.execute_command("SCRIPT LOAD", script, target_nodes=node)
+
+
+def register(client: RedisClient, script: str) -> Script:
+    """The router's scripts (`Script`), for either client type."""
+    return Script(client, script)

@@ -76,7 +76,7 @@ class Servers:
             cmd += [str(conf), "--sentinel"]
             args = args[1:]
         cmd += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "", "--appendonly", "no",
-                "--protected-mode", "no", "--logfile", str(d / "log"), *args]
+                "--protected-mode", "no", "--logfile", str(d / "log"), "--repl-diskless-sync-delay", "0", *args]
         self.procs[port] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             start_new_session=True)
         wait_for(lambda: _up(port), 10, f"redis-server on {port}")
@@ -149,6 +149,8 @@ def private_cluster(root: Path, node_timeout_ms: int = 1000) -> Iterator[Cluster
         cluster = Cluster(servers, ports)
         wait_for(cluster.ok, 30, "cluster_state:ok")
         wait_for(lambda: len(cluster.masters()) == 3, 30, "3 masters with a replica each")
+        wait_for(lambda: all("master_link_status:up" in cli(r, "INFO", "replication")
+                             for r in cluster.masters().values()), 30, "replicas in sync")
         yield cluster
     finally:
         servers.stop()

@@ -87,8 +87,10 @@ async def test_a_master_killed_under_load_keeps_budgets_exact_and_affinity_fails
         events: Counter[tuple[str, str]] = Counter()
         aff = AffinityStore(r, timeout_s=0.05, breaker=Breaker(failures=1000),
                             on_event=lambda op, res: events.update([(op, res)]))
-        acct = Accountant(pol, BudgetStore(r), Journal(tmp_path / "journal"), RouterMetrics(), timeout_s=0.2,
-                          settle_timeout_s=0.5)
+        # WAIT for the replica after each admission and settlement: a write the master answered but had
+        # not yet sent to its replica when it died is taken as failed (refused, or journaled and replayed)
+        acct = Accountant(pol, BudgetStore(r, wait_replicas=1, wait_timeout_ms=100), Journal(tmp_path / "journal"),
+                          RouterMetrics(), timeout_s=0.2, settle_timeout_s=0.5)
         settled: dict[str, dict[str, int]] = {t: {} for t in tenants}
         refused: Counter[str] = Counter()
         lookups: list[Any] = []
