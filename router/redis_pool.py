@@ -143,14 +143,16 @@ class ClusterConnection(PackedConnection):
 
 
 class ClosingNodesManager(NodesManager):
-    """redis-py's slot map, which also closes the nodes it drops. When a failover changes the map, redis-py
-    disconnects a dropped node's idle connections but only marks those in use, and a node object that it
-    replaces (or one it made while asking the map) keeps its sockets until the garbage collector warns.
-    Here every dropped node with connections is held and fully disconnected a second later (after the
-    commands in flight on it), or at `close_redis`."""
+    """redis-py's slot map, which also closes the nodes it drops. redis-py routes by `slots_cache`, whose
+    node objects may be ones it then declined to keep in `nodes_cache` (a re-read of the map keeps the old
+    object of a known node there), and a failover drops nodes whose connections are in use: such objects
+    keep their sockets until the garbage collector warns. Here every node object the map ever held is
+    known; one that no longer is in the map is disconnected a second after (the commands in flight on it
+    end first), forgotten once it has no open connection, and every known one is closed by `close_redis`."""
 
-    __slots__ = ("retire_tasks", "retiring")
-    retiring: set[ClusterNode]
+    __slots__ = ("known", "retiring", "retire_tasks")
+    known: dict[int, ClusterNode]      # by id: ClusterNode compares by name, and several may share one
+    retiring: set[int]
     retire_tasks: set[asyncio.Task[None]]
 
     @classmethod
@@ -158,35 +160,45 @@ class ClosingNodesManager(NodesManager):
         new = cls(list(nm.startup_nodes.values()), nm.require_full_coverage, nm.connection_kwargs,
                   dynamic_startup_nodes=nm._dynamic_startup_nodes, address_remap=nm.address_remap,
                   event_dispatcher=nm._event_dispatcher)
-        new.retiring, new.retire_tasks = set(), set()
+        new.known, new.retiring, new.retire_tasks = {id(n): n for n in new.startup_nodes.values()}, set(), set()
         return new
 
+    def _live(self) -> set[int]:
+        nodes = [*self.nodes_cache.values(), *self.startup_nodes.values()]
+        nodes += [n for lst in self.slots_cache.values() for n in lst]
+        return {id(n) for n in nodes}
+
     def set_nodes(self, old: dict[str, ClusterNode], new: dict[str, ClusterNode], remove_old: bool = False) -> None:
-        candidates = [*old.values(), *new.values()]
+        for n in [*old.values(), *new.values()]:
+            self.known.setdefault(id(n), n)
         super().set_nodes(old, new, remove_old)
-        live = {id(n) for n in [*self.nodes_cache.values(), *self.startup_nodes.values(), *old.values()]}
-        for node in candidates:
-            if id(node) in live:
+        live = self._live() | {id(n) for n in old.values()}
+        for key, node in list(self.known.items()):
+            if key in live:
                 continue
-            if node._connections and node not in self.retiring:
-                self.retiring.add(node)
+            if not any(c.is_connected for c in node._connections):
+                del self.known[key]
+                self.retiring.discard(key)
+            elif key not in self.retiring:
+                self.retiring.add(key)
                 task = asyncio.get_running_loop().create_task(self._retire(node))
                 self.retire_tasks.add(task)
                 task.add_done_callback(self.retire_tasks.discard)
 
     async def _retire(self, node: ClusterNode) -> None:
         await asyncio.sleep(RETIRE_AFTER_S)
-        with contextlib.suppress(Exception):
-            await node.disconnect()
-        self.retiring.discard(node)
+        if id(node) not in self._live():
+            with contextlib.suppress(Exception):
+                await node.disconnect()
+        self.retiring.discard(id(node))
 
     async def close_retiring(self) -> None:
         for task in list(self.retire_tasks):
             task.cancel()
-        for node in list(self.retiring):
+        for node in list(self.known.values()):
             with contextlib.suppress(Exception):
                 await node.disconnect()
-        self.retiring.clear()
+        self.known.clear()
 
 
 class ClosingCluster(RedisCluster):

@@ -21,10 +21,13 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free and valid too."""
+def cluster_port(taken: set[int] | None = None) -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too, clear of `taken` ports' buses."""
+    taken = taken or set()
     for _ in range(200):
         p = random.randint(20000, 45000)
+        if {p, p + 10000, p - 10000} & taken:
+            continue
         try:
             for q in (p, p + 10000):
                 with socket.socket() as s:
@@ -65,8 +68,10 @@ class Servers:
 
     root: Path
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    args: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def start(self, port: int, *args: str, sentinel: bool = False) -> None:
+        self.args[port] = args
         d = self.root / str(port)
         d.mkdir(parents=True, exist_ok=True)
         cmd = [REDIS_SERVER]
@@ -87,6 +92,10 @@ class Servers:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
+
+    def restart(self, port: int) -> None:
+        """Start the server on `port` again, as it was (a cluster node reads its nodes.conf back)."""
+        self.start(port, *self.args[port])
 
     def stop(self) -> None:
         for port in list(self.procs):
@@ -136,7 +145,9 @@ def private_cluster(root: Path, node_timeout_ms: int = 1000) -> Iterator[Cluster
     """3 masters + 3 replicas (`redis-cli --cluster create ... --cluster-replicas 1`), state ok."""
     servers = Servers(root)
     try:
-        ports = [cluster_port() for _ in range(6)]
+        ports: list[int] = []
+        for _ in range(6):
+            ports.append(cluster_port(set(ports)))
         for p in ports:
             servers.start(p, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf",
                           "--cluster-node-timeout", str(node_timeout_ms), "--cluster-require-full-coverage", "no",
