@@ -150,7 +150,7 @@ class ClosingNodesManager(NodesManager):
     known; one that no longer is in the map is disconnected a second after (the commands in flight on it
     end first), forgotten once it has no open connection, and every known one is closed by `close_redis`."""
 
-    __slots__ = ("known", "retiring", "retire_tasks")
+    __slots__ = ("known", "retire_tasks", "retiring")
     known: dict[int, ClusterNode]      # by id: ClusterNode compares by name, and several may share one
     retiring: set[int]
     retire_tasks: set[asyncio.Task[None]]
