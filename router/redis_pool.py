@@ -220,7 +220,7 @@ class ClosingCluster(RedisCluster):
         return await super().execute_command(*args, **kwargs)
 
 
-def _nodes(netloc: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+def _nodes(netloc: str, default_port: int) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """`[user:pass@]h:p,h:p` -> [(host, port)], {username, password}."""
     auth: dict[str, Any] = {}
     if "@" in netloc:
@@ -228,11 +228,15 @@ def _nodes(netloc: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         user, _, pw = cred.partition(":")
         auth = {"username": unquote(user) or None, "password": unquote(pw) or None}
     out = []
-    for part in netloc.split(","):
-        host, _, port = part.strip().rpartition(":")
-        if not host:
-            host, port = port, "6379"
-        out.append((host.strip("[]"), int(port or 6379)))
+    for part in (p.strip() for p in netloc.split(",")):
+        if part.startswith("["):                       # [v6 address]:port
+            host, _, port = part[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            host, sep, port = part.rpartition(":")
+            if not sep:
+                host, port = part, ""
+        out.append((host, int(port or default_port)))
     return out, auth
 
 
@@ -244,7 +248,7 @@ def parse_url(url: str) -> tuple[str, list[tuple[str, int]], dict[str, Any]]:
         return "single", [], {}
     netloc, _, path = rest.partition("/")
     path = path.partition("?")[0]
-    nodes, extra = _nodes(netloc)
+    nodes, extra = _nodes(netloc, 26379 if "sentinel" in scheme else 6379)
     extra["ssl"] = scheme.startswith("rediss")
     if scheme.endswith("cluster"):
         if path.strip("/") not in ("", "0"):
