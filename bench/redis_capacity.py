@@ -13,7 +13,8 @@ arguments shaped like a chat request's:
 * affinity claim (prefix coalescing): one EVALSHA; affinity record (coalescing off): batched, 64 per flush;
 * windows: `WindowStore.take`, one EVALSHA;
 * decision records: XADD MAXLEN ~, 64 per pipeline;
-* load sync: one EVALSHA per replica per 50 ms while busy (not per request): timed per call.
+* load sync: one EVALSHA per replica per 50 ms while busy (not per request): timed per call, with
+  --replicas replicas' fields in the hash (each call reads them all).
 
 Part 1 runs each feature alone for --requests requests at --concurrency and prints, per request, the
 Redis calls (INFO commandstats), the command time (commandstats usec) and Redis' own CPU time (INFO
@@ -25,7 +26,7 @@ awaited step, --concurrency requests in flight), then pipelined (--depth request
 trip, so the client can saturate Redis on this small machine); it prints requests/s, Redis operations/s
 and the share of its core Redis was busy, and the requests/s one core would serve at 100%.
 
-Usage: python bench/redis_capacity.py [--requests 4000] [--seconds 10] [--tiers 3] [--instances 4]
+Usage: python bench/redis_capacity.py [--requests 4000] [--seconds 10] [--tiers 3] [--instances 4] [--replicas 8]
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def usage(i: int) -> Usage:
 class Work:
     """The router's Redis work for request i, by feature."""
 
-    def __init__(self, r: RedisClient, tiers: int, instances: int) -> None:
+    def __init__(self, r: RedisClient, tiers: int, instances: int, replicas: int = 8) -> None:
+        self.replicas = replicas
         self.r = r
         self.budget = BudgetStore(r)
         self.aff = AffinityStore(r, timeout_s=5.0)
@@ -117,7 +119,7 @@ class Work:
 
     async def load_sync(self, i: int) -> Any:
         counts = b'{"t0/i0":[3,1,900],"t0/i1":[2,0,0],"t1/i0":[5,2,4000]}'
-        return await self.sync(keys=[KEY], args=[f"replica{i % 8}", counts, 2000])
+        return await self.sync(keys=[KEY], args=[f"replica{i % self.replicas}", counts, 2000])
 
 
 def stats(port: int) -> tuple[dict[str, tuple[int, int]], float]:
@@ -185,9 +187,9 @@ async def mix(w: Work, port: int, seconds: float, conc: int, depth: int) -> None
             done += depth
     tasks = [asyncio.create_task(flows(k)) for k in range(conc)]
     sync_calls = 0
-    while time.monotonic() < stop:                                 # 8 replicas' load sync, every 50 ms
-        await asyncio.gather(*(w.load_sync(k) for k in range(8)))
-        sync_calls += 8
+    while time.monotonic() < stop:                                 # the replicas' load sync, every 50 ms
+        await asyncio.gather(*(w.load_sync(k) for k in range(w.replicas)))
+        sync_calls += w.replicas
         await asyncio.sleep(0.05)
     await asyncio.gather(*tasks)
     wall = time.monotonic() - t0
@@ -235,12 +237,14 @@ async def main(args: argparse.Namespace, port: int) -> None:
                 break
             except Exception:
                 await asyncio.sleep(0.05)
-        w = Work(r, args.tiers, args.instances)
+        w = Work(r, args.tiers, args.instances, args.replicas)
         ver = (await r.info("server"))["redis_version"]
         print(f"redis-server {ver} on CPU {args.redis_cpu} (persistence: {'AOF everysec' if args.aof else 'none'}), "
               f"client on CPU {args.client_cpu}; {args.tiers} tiers x {args.instances} instances, 40 hashes; "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
         n, c = args.requests, args.concurrency
+        for i in range(w.replicas):
+            await w.load_sync(i)
         for i in range(64):                                       # warm: scripts loaded, prefixes recorded
             await w.admit(-1 - i)
             await w.lookup(i)
@@ -284,6 +288,7 @@ if __name__ == "__main__":
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--tiers", type=int, default=3)
     ap.add_argument("--instances", type=int, default=4)
+    ap.add_argument("--replicas", type=int, default=8, help="router replicas in the load-sync hash")
     ap.add_argument("--redis-cpu", type=int, default=1)
     ap.add_argument("--client-cpu", type=int, default=0)
     ap.add_argument("--bench-calls", type=int, default=200_000)
