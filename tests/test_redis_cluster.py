@@ -209,7 +209,10 @@ async def test_stores_work_through_sentinel(tmp_path: Path) -> None:
             assert (await store.status(t))["spent_day"] == 250
             aff = AffinityStore(r, timeout_s=1.0)
             assert await aff.record("fast", "i0", [b"x" * 8], 60.0, 10) == 1
-            assert await aff.lookup([("fast", ["i0"], [b"x" * 8])], 60.0) == {("fast", "i0"): 1}
+            assert await aff.record("slow", "i1", [b"x" * 8, b"y" * 8], 60.0, 10) == 2
+            hs = [b"x" * 8, b"y" * 8]               # one node: both tiers in one script
+            assert await aff.lookup([("fast", ["i0", "i1"], hs), ("slow", ["i1"], hs)], 60.0) == {
+                ("fast", "i0"): 1, ("fast", "i1"): 0, ("slow", "i1"): 2}
             info = await r.info("replication")
             assert info["role"] == "master" and int(info["connected_slaves"]) == 1
         finally:
