@@ -1,6 +1,6 @@
 """Memory the prefix-affinity index takes in Redis, per instance.
 
-Fills one instance's index (`{tiergate-aff}:<tier>:<instance>`, a ZSET of 8-byte block
+Fills one instance's index (`{tg:aff:<tier>}:<instance>`, a ZSET of 8-byte block
 hashes) through the real record script up to several capacities, and prints Redis'
 own `MEMORY USAGE` for the key, in total and per tracked block.
 

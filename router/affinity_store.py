@@ -1,12 +1,17 @@
 """The shared prefix-affinity index in Redis: one sorted set per (tier, instance).
 
-Layout: `{tiergate-aff}:<tier>:<instance>` is a ZSET of 8-byte block hashes (see
-`prefix_hash`). A member's score is `redis_ms * 1024 - i`, where i is the block's
-sample index in the request that recorded it: newer requests score higher, and
-within a request the tail scores lower than the prefix, so trimming the lowest
-scores evicts least-recently-used chains tail first, like vLLM's block pool.
+Layout: `{tg:aff:<tier>}:<instance>` is a ZSET of 8-byte block hashes (see
+`prefix_hash`); one hash tag per tier, so a tier's instances share a Redis Cluster slot and tiers spread
+over the shards. (Before the cluster release every tier shared one tag, `{tiergate-aff}:<tier>:<instance>`;
+an upgrade leaves those keys to expire by their TTL and the index rebuilds itself from new traffic: the
+first requests after it route without affinity, as after a Redis restart.) A member's score is
+`redis_ms * 1024 - i`, where i is the block's sample index in the request that recorded it: newer requests
+score higher, and within a request the tail scores lower than the prefix, so trimming the lowest scores
+evicts least-recently-used chains tail first, like vLLM's block pool.
 
-* `lookup`: one EVALSHA for all tiers and instances of a request. For each instance
+* `lookup`: one round trip for all tiers of a request. On a Redis Cluster, one EVALSHA per tier (a
+  pipeline when there are several, each script in its tier's slot); on one node (or Sentinel's master),
+  where slots do not apply, one EVALSHA for all of them (less client CPU per request). For each instance
   it binary-searches the request's sampled hashes for the longest present prefix
   (entries older than the TTL count as absent) and returns the matched count.
 * `record`: after dispatch, ZADD the chosen instance's hashes, drop entries older
@@ -19,9 +24,9 @@ scores evicts least-recently-used chains tail first, like vLLM's block pool.
   just claimed it), say which, and record nothing; else record for the chosen instance, as `record`.
 * `remove` / `clear`: engine KV events (BlockRemoved, AllBlocksCleared).
 
-Scripts use Redis' TIME, so every replica shares one clock (a test may inject one, `clock_ms`). All
-keys share one hash tag, so the scripts also run on a Redis Cluster. router/replay/affinity_twin.py is
-the in-memory twin (tests/test_store_contract.py runs both alike).
+Scripts use Redis' TIME, so every replica shares one clock (a test may inject one, `clock_ms`). Each
+script touches the keys of one tier, one hash tag, so the scripts also run on a Redis Cluster.
+router/replay/affinity_twin.py is the in-memory twin (tests/test_store_contract.py runs both alike).
 
 Failure mode: affinity fails open. Every call has a short timeout; failures feed a
 circuit breaker (closed -> open for `cooldown_s` after `failures` consecutive errors
@@ -38,11 +43,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 from router.redis_batch import Call, MicroBatcher, pipelined
+from router.redis_pool import RedisClient, is_cluster, register
 
 _NOW = """
 local function now_ms(arg)
@@ -134,7 +138,9 @@ Clock = Callable[[], float]
 
 
 def index_key(tier: str, instance: str) -> str:
-    return f"{{tiergate-aff}}:{tier}:{instance}"
+    """One tag per tier: every script's keys are one tier's, so one slot (a `}` in the tier name ends the
+    tag at the same place for all of its keys: still one slot, and full key names stay distinct)."""
+    return f"{{tg:aff:{tier}}}:{instance}"
 
 
 class Breaker:
@@ -180,7 +186,7 @@ class Breaker:
 
 
 class AffinityStore:
-    def __init__(self, redis: aioredis.Redis, *, timeout_s: float = 0.05, breaker: Breaker | None = None,
+    def __init__(self, redis: RedisClient, *, timeout_s: float = 0.05, breaker: Breaker | None = None,
                  on_event: Callable[[str, str], None] | None = None, max_pending: int = 1024,
                  clock_ms: Callable[[], int] | None = None, metrics: RouterMetrics | None = None) -> None:
         self.redis = redis
@@ -189,9 +195,9 @@ class AffinityStore:
         self.breaker = breaker or Breaker()
         self.on_event = on_event or (lambda _op, _result: None)
         self.max_pending = max_pending
-        self._lookup = redis.register_script(_LOOKUP)
-        self._record = redis.register_script(_RECORD)
-        self._claim = redis.register_script(_CLAIM)
+        self._lookup = register(redis, _LOOKUP)
+        self._record = register(redis, _RECORD)
+        self._claim = register(redis, _CLAIM)
         self.batch: MicroBatcher[Call] = MicroBatcher("affinity_record", self._flush_records,
                                                       max_queue=max_pending, metrics=metrics)
         self.log = get_logger("tiergate.affinity")
@@ -226,24 +232,39 @@ class AffinityStore:
         if not self.breaker.allow():
             self.on_event("lookup", "skipped")
             return None
-        keys: list[str] = []
-        argv: list[Any] = [self._now(), int(ttl_s * 1000), len(groups)]
-        for tier, instances, hashes in groups:
-            keys.extend(index_key(tier, i) for i in instances)
-            argv.extend((len(instances), len(hashes)))
-            argv.extend(hashes)
+        now, ttl_ms = self._now(), int(ttl_s * 1000)
+        calls: list[Call] = [(self._lookup, [index_key(tier, i) for i in instances],
+                              [now, ttl_ms, 1, len(instances), len(hashes), *hashes])
+                             for tier, instances, hashes in groups]     # one script per tier: one slot each
+        if len(calls) > 1 and not is_cluster(self.redis):   # one node: all tiers in one script (less client CPU)
+            argv: list[Any] = [now, ttl_ms, len(calls)]
+            for _s, _k, args in calls:
+                argv.extend(args[3:])
+            calls = [(self._lookup, [k for _s, keys, _a in calls for k in keys], argv)]
         try:
-            res = await self._call("lookup", self._lookup(keys=keys, args=argv))
+            res = await self._call("lookup", self._lookup_calls(calls))
         except Exception:
             return None
+        flat = [n for found in res for n in found]
         out: dict[tuple[str, str], int] = {}
         k = 0
         for tier, instances, _h in groups:
             for inst in instances:
-                out[(tier, inst)] = int(res[k])
+                out[(tier, inst)] = int(flat[k])
                 k += 1
         self.on_event("lookup", "ok")
         return out
+
+    async def _lookup_calls(self, calls: list[Call]) -> list[Any]:
+        """One tier: its EVALSHA. Several: one pipelined round trip; any tier's error fails the lookup."""
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            return [await script(keys=keys, args=args)]
+        replies = await pipelined(self.redis, calls)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return replies
 
     async def record(self, tier: str, instance: str, hashes: Sequence[bytes], ttl_s: float,
                      capacity_blocks: int) -> int | None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-import redis.asyncio as aioredis
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
@@ -46,7 +45,7 @@ from router.logs import bind_request, get_logger
 from router.metrics import RouterMetrics, instance_gauges_forever, tenant_labeler, write_instance_gauges
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
-from router.redis_pool import close_redis, make_redis
+from router.redis_pool import RedisClient, close_redis, make_redis
 from router.replay.record import TraceRecorder
 from router.settings import Settings
 from router.shadow import Shadow
@@ -60,7 +59,7 @@ JSON = "application/json"
 
 
 def create_app(settings: Settings, *, policy: Policy | None = None, upstream: UpstreamClient | None = None,
-               redis: aioredis.Redis | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
+               redis: RedisClient | None = None, instance_urls: dict[str, list[InstanceSpec]] | None = None,
                tokenizers: TokenizerCache | None = None, watch_policy: bool | None = None,
                drain: DrainController | None = None, tracing: Tracing | None = None) -> Litestar:
     """`watch_policy`: hot-reload `settings.policy_path` (default: when the policy is loaded from it here).
@@ -91,7 +90,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                              on_result=lambda result: metrics.child(metrics.load_sync, result).inc())
     journal = Journal(Path(settings.data_dir) / "journal")
     accountant = Accountant(policy, BudgetStore(store, ledger_maxlen=policy.accounting.ledger_maxlen,
-                                        retention_days=policy.accounting.usage_retention_days)
+                                        retention_days=policy.accounting.usage_retention_days,
+                                        wait_replicas=settings.redis_wait_replicas,
+                                        wait_timeout_ms=settings.redis_wait_timeout_ms)
                             if store is not None else None, journal, metrics,
                             timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
     tokenizers = tokenizers or TokenizerCache()
@@ -397,7 +398,7 @@ async def until_gone(work: Coroutine[Any, Any, T], receive: Callable[[], Awaitab
     raise exc         # the request's body and parsed JSON alive until the garbage collector runs
 
 
-async def _note_version(store: aioredis.Redis, version: str) -> None:
+async def _note_version(store: RedisClient, version: str) -> None:
     try:
         async with asyncio.timeout(1.0):
             await store.set("tiergate:policy:version", version)

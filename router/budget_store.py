@@ -15,6 +15,13 @@
   it refused: the reservation is released if the script ran, and the id blocked if it had not, so
   a late run reserves nothing. No phantom reservation waits for its TTL.
 
+Durability (`wait_replicas`, Redis Cluster or Sentinel with replicas): replication is asynchronous, so a
+master that crashes can lose writes it already answered. With `wait_replicas` > 0 each admission and
+settlement is followed by `WAIT wait_replicas wait_timeout_ms` on the same connection (router/redis_batch.py
+`pipelined`); one that no replica confirmed in time raises `ReplicationError`, and the caller takes its
+failure path: the admission is refused or admitted per `on_store_failure` (its reservation released when
+Redis answers), the settlement goes to the journal and replays (idempotent by id). 0 (the default): no WAIT.
+
 Money is integer units of 1e-10 USD (`COST_SCALE`), so sums are exact. Scripts live in
 `router.budget_lua`. Callers set the timeouts: this class never retries. router/replay/budget_twin.py is
 the in-memory twin (same replies, parsed by the same functions; tests/test_store_contract.py runs both).
@@ -27,10 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from router import budget_lua
-from router.redis_batch import Call, pipelined
+from router.redis_batch import Call, Wait, pipelined
+from router.redis_pool import RedisClient, register
 
 COST_SCALE = 10**10          # units per USD
 PRICE_SCALE = COST_SCALE // 10**6  # units per token for a price of 1 USD per 1M tokens
@@ -109,18 +115,20 @@ class Usage:
 
 
 class BudgetStore:
-    def __init__(self, redis: aioredis.Redis, *, clock_ms: Callable[[], int] | None = None,
-                 keep_s: float = 7 * 86400, ledger_maxlen: int = 1_000_000, retention_days: int = 400) -> None:
+    def __init__(self, redis: RedisClient, *, clock_ms: Callable[[], int] | None = None,
+                 keep_s: float = 7 * 86400, ledger_maxlen: int = 1_000_000, retention_days: int = 400,
+                 wait_replicas: int = 0, wait_timeout_ms: int = 100) -> None:
         self.redis = redis
         self.clock_ms = clock_ms          # None: Redis TIME
         self.keep_ms = int(keep_s * 1000)  # how long a settled id stays known (idempotent replays)
         self.ledger_maxlen = ledger_maxlen
         self.retention_days = retention_days  # the daily aggregate keys expire this long after their last write
-        self._admit: Any = redis.register_script(budget_lua.ADMIT)
-        self._settle: Any = redis.register_script(budget_lua.SETTLE)
-        self._sweep: Any = redis.register_script(budget_lua.SWEEP)
-        self._release: Any = redis.register_script(budget_lua.RELEASE)
-        self._status: Any = redis.register_script(budget_lua.STATUS)
+        self.wait: Wait | None = (wait_replicas, wait_timeout_ms) if wait_replicas > 0 else None
+        self._admit: Any = register(redis, budget_lua.ADMIT)
+        self._settle: Any = register(redis, budget_lua.SETTLE)
+        self._sweep: Any = register(redis, budget_lua.SWEEP)
+        self._release: Any = register(redis, budget_lua.RELEASE)
+        self._status: Any = register(redis, budget_lua.STATUS)
 
     def _now(self) -> str:
         return "" if self.clock_ms is None else str(self.clock_ms())
@@ -135,21 +143,30 @@ class BudgetStore:
                     flex: FlexBudget | None = None) -> Admission:
         """`flex`: the request named no max_tokens, so its completion budget may shrink to fit the budget left."""
         f = flex or FlexBudget(0, 0, 0, 0)
-        res = await self._admit(keys=self._keys(tenant, rid, "q", "w", "b", "open"), args=[
+        res = await self._run((self._admit, self._keys(tenant, rid, "q", "w", "b", "open"), [
             self._now(), rid, rpm or 0, tpm or 0, tokens, reserve, -1 if daily is None else daily,
             -1 if monthly is None else monthly, int(ttl_s * 1000), self.keep_ms, q_prefix(tenant),
-            f.prompt_units, f.units_per_token, f.wanted, f.least])
+            f.prompt_units, f.units_per_token, f.wanted, f.least]))
         return parse_admission(res, daily, monthly)
+
+    async def _run(self, call: Call) -> Any:
+        """One script; with `wait`, in one pipeline with its WAIT (raises ReplicationError unconfirmed)."""
+        script, keys, args = call
+        if self.wait is None:
+            return await script(keys=keys, args=args)
+        (res,) = await pipelined(self.redis, [call], self.wait)
+        if isinstance(res, Exception):
+            raise res
+        return res
 
     async def settle(self, tenant: str, rid: str, usage: Usage) -> str:
         """-> open | expired | orphan (how it was settled), or dup when it already was."""
-        _, keys, args = self._settle_call(tenant, rid, usage)
-        return parse_settled(await self._settle(keys=keys, args=args))
+        return parse_settled(await self._run(self._settle_call(tenant, rid, usage)))
 
     async def settle_many(self, items: Sequence[tuple[str, str, Usage]]) -> list[str | Exception]:
         """Settle (tenant, id, usage) items in one round trip (router/redis_batch.py `pipelined`): each item's
         `settle` answer, or its own error. Raises when the round trip fails as a whole."""
-        replies = await pipelined(self.redis, [self._settle_call(*item) for item in items])
+        replies = await pipelined(self.redis, [self._settle_call(*item) for item in items], self.wait)
         return [r if isinstance(r, Exception) else parse_settled(r) for r in replies]
 
     def _settle_call(self, tenant: str, rid: str, usage: Usage) -> Call:

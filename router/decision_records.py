@@ -22,12 +22,12 @@ import collections
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from router.explain import record_doc
 from router.lifecycle.records import DecisionRecord
 from router.logs import get_logger
 from router.metrics import RouterMetrics
+from router.redis_pool import RedisClient
 
 __all__ = ["STREAM_KEY", "RedisDecisionRecords"]
 
@@ -39,7 +39,7 @@ _dec = msgspec.json.Decoder()
 
 
 class RedisDecisionRecords:
-    def __init__(self, store: aioredis.Redis, metrics: RouterMetrics, *, maxlen: int = 10_000,
+    def __init__(self, store: RedisClient, metrics: RouterMetrics, *, maxlen: int = 10_000,
                  timeout_s: float = 0.25, queue_max: int = 2048, backoff_s: float = 1.0,
                  max_candidates: int = 8, key: str = STREAM_KEY) -> None:
         self.store = store

@@ -36,9 +36,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import msgspec
-import redis.asyncio as aioredis
 
 from backends.registry import Registry
+from router.redis_pool import RedisClient, register
 
 KEY = "tiergate:load"
 
@@ -66,7 +66,7 @@ _enc = msgspec.json.Encoder()
 
 
 class LoadSync:
-    def __init__(self, redis: aioredis.Redis, registry: Registry, replica_id: str, *, interval_s: float = 0.05,
+    def __init__(self, redis: RedisClient, registry: Registry, replica_id: str, *, interval_s: float = 0.05,
                  timeout_s: float = 0.05, stale_s: float = 2.0, idle_s: float = 1.0,
                  on_result: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = redis
@@ -82,7 +82,7 @@ class LoadSync:
         self._quiet = False          # the last sync sent no load and got none back
         self._kick: asyncio.Event | None = None
         self._busy_until = 0.0       # a request arrived: sync every interval at least until then
-        self._script: Any = redis.register_script(_SYNC)
+        self._script: Any = register(redis, _SYNC)
 
     def local_counts(self) -> bytes:
         counts = {f"{i.tier}/{i.instance_id}": (i.in_flight, i.pending_requests, i.pending_tokens)

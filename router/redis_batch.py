@@ -37,13 +37,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from router.logs import get_logger
 from router.metrics import RouterMetrics
+from router.redis_pool import RedisClient, load_script
 
-__all__ = ["MAX_BATCH", "MAX_QUEUE", "WINDOW_S", "Call", "MicroBatcher", "pipelined"]
+__all__ = ["MAX_BATCH", "MAX_QUEUE", "WINDOW_S", "Call", "MicroBatcher", "ReplicationError", "Wait", "pipelined"]
 
 WINDOW_S = 0.001
 MAX_BATCH = 64
@@ -151,24 +154,62 @@ class MicroBatcher(Generic[T]):
                 await self._flush(self._take(), False)
 
 
-async def pipelined(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
-    """One round trip: each call one EVALSHA, in one pipeline (transaction=False). -> the replies in order, a
-    command's own error as its exception object. Raises when the round trip fails as a whole (the caller
-    sets the deadline). Scripts Redis does not know (NOSCRIPT) are loaded and their calls sent again."""
-    replies = await _send(redis, calls)
+class ReplicationError(RedisConnectionError):
+    """A write that Redis ran but no replica confirmed in time (`WAIT`): it may be lost if its master fails
+    now, so the caller takes its failure path (a settlement goes to the journal and replays, idempotently)."""
+
+
+Wait = tuple[int, int]   # (replicas, timeout ms): `WAIT replicas timeout` after the writes, per node
+
+
+async def pipelined(redis: RedisClient, calls: Sequence[Call], wait: Wait | None = None) -> list[Any]:
+    """One round trip: each call one EVALSHA, in one pipeline (transaction=False); on a Redis Cluster the
+    pipeline is split by node (each call's keys are in one slot). -> the replies in order, a command's own
+    error as its exception object. Raises when the round trip fails as a whole (the caller sets the
+    deadline). Scripts Redis does not know (NOSCRIPT: a restarted or newly promoted node) are loaded (on
+    every primary of a cluster) and their calls sent again.
+    `wait`: each node's calls are followed by `WAIT replicas timeout_ms` on the same connection; a call
+    whose node answers fewer replicas (or whose slot moved meanwhile) is answered a ReplicationError."""
+    replies = await _send(redis, calls, wait)
     missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
     if missing:
         scripts = {id(calls[i][0]): calls[i][0] for i in missing}
         for script in scripts.values():
-            await redis.script_load(script.script)
-        again = await _send(redis, [calls[i] for i in missing])
+            await load_script(redis, script.script)
+        again = await _send(redis, [calls[i] for i in missing], wait)
         for i, r in zip(missing, again, strict=True):
             replies[i] = r
     return replies
 
 
-async def _send(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
+def _node(redis: RedisCluster, keys: Sequence[Any]) -> Any:
+    k = keys[0]
+    return redis.nodes_manager.get_node_from_slot(key_slot(k.encode() if isinstance(k, str) else bytes(k)))
+
+
+async def _send(redis: RedisClient, calls: Sequence[Call], wait: Wait | None = None) -> list[Any]:
+    cluster = isinstance(redis, RedisCluster)
+    nodes: list[Any] = []
     async with redis.pipeline(transaction=False) as pipe:   # its connection goes back on exit, even cancelled
         for script, keys, args in calls:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
+        if wait is not None:
+            if isinstance(redis, RedisCluster):
+                nodes = [_node(redis, keys) for _, keys, _ in calls]
+                for node in dict.fromkeys(nodes):
+                    pipe.execute_command("WAIT", *wait, target_nodes=node)
+            else:
+                pipe.execute_command("WAIT", *wait)
+        out = list(await pipe.execute(raise_on_error=False))
+    if wait is None:
+        return out
+    replies, acks = out[:len(calls)], out[len(calls):]
+    if not cluster:
+        nodes = [None] * len(calls)
+    acked = dict(zip(dict.fromkeys(nodes), acks, strict=True))
+    for i, node in enumerate(nodes):
+        ack = acked[node]
+        moved = isinstance(redis, RedisCluster) and _node(redis, calls[i][1]) is not node   # the slot moved
+        if not isinstance(replies[i], Exception) and (isinstance(ack, Exception) or int(ack) < wait[0] or moved):
+            replies[i] = ReplicationError(f"not confirmed by {wait[0]} replica(s) in {wait[1]} ms")
+    return replies

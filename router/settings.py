@@ -36,6 +36,10 @@ class Settings(msgspec.Struct, kw_only=True):
     stall_max_s: float = 120.0
     stall_default_s: float = 30.0
     redis_timeout_s: float = 0.05
+    # durability on Redis Cluster / Sentinel with replicas (router/budget_store.py): WAIT for this many replicas
+    # after each admission and settlement; unconfirmed ones take the failure path (0: no WAIT)
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 100
     affinity_timeout_s: float = 0.05        # one lookup round trip; past it, route without affinity
     affinity_breaker_failures: int = 3      # consecutive failures that open the affinity breaker
     affinity_breaker_cooldown_s: float = 5.0

@@ -51,6 +51,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis Cluster (3 masters, 3 replicas) on loopback, for the session; its URL as the router
+    takes it (`redis+cluster://`). Started only by the tests that ask for it."""
+    from tests.redis_servers import private_cluster
+    with private_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
+
+
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[AffinityStore]:
     """The shared prefix-affinity index (router/affinity_store.py) on the test Redis."""

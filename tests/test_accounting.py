@@ -107,8 +107,14 @@ async def chat_and_settle(c: httpx.AsyncClient, k: dict[str, str], counts: dict[
     await wait_for(settled)
 
 
+@pytest.mark.parametrize("backend", ["single", "cluster"])
 @pytest.mark.parametrize("replicas", [1, 2])
-async def test_concurrent_requests_admit_exactly_the_ones_that_fit(redis_url: str, replicas: int) -> None:
+async def test_concurrent_requests_admit_exactly_the_ones_that_fit(redis_url: str, replicas: int, backend: str,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """64 concurrent requests through 1 or 2 routers on one Redis node, and on a Redis Cluster
+    (`redis+cluster://`, tests/redis_servers.py): exactly the 5 that fit the daily budget are admitted."""
+    if backend == "cluster":
+        redis_url = request.getfixturevalue("cluster_url")
     tag = uuid.uuid4().hex[:6]
     k, max_tokens = 5, 50
     worst = worst_case_units(max_tokens)

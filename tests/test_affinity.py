@@ -26,7 +26,7 @@ from policies.plugins.bounded_load import BoundedLoad
 from policies.plugins.prefix_affinity import PrefixAffinity
 from policies.schema import InstanceSpec, Policy, parse_policy
 from policies.types import Candidate, RoutingRequest
-from router.affinity_store import AffinityStore, Breaker
+from router.affinity_store import AffinityStore, Breaker, index_key
 from router.kv_events import InstanceIndexer, KVEventSubscriber
 from router.prefix_hash import is_sampled, prefix_hashes, sample_positions, tier_seed
 from tests.conftest import DEMO_KEY, serve_router
@@ -141,7 +141,7 @@ async def test_record_trims_to_capacity_evicting_oldest_chains_tail_first(store:
     assert (await store.lookup([(t, ["a"], new.hashes)], 600))[(t, "a")] == len(new.hashes)
     kept_old = (await store.lookup([(t, ["a"], old.hashes)], 600))[(t, "a")]
     assert kept_old == 100 - len(new.hashes)  # the old chain lost its tail, kept its prefix
-    ttl_ms = await store.redis.pttl(f"{{tiergate-aff}}:{t}:a")
+    ttl_ms = await store.redis.pttl(index_key(t, "a"))
     assert 0 < ttl_ms <= 600_000
 
 

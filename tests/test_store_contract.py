@@ -1,8 +1,9 @@
 """One contract for the Redis stores and their in-memory twins (router/replay/*_twin.py), on an injected clock.
 
-`store` fixtures are parametrized over the twin and the Redis store against a real Redis; every test
-runs both through the same operations. The last two tests drive a seeded random sequence of operations
-through a twin and a Redis store side by side and require the same answer to every one.
+`store` fixtures are parametrized over the twin and the Redis store against a real Redis, one node and a
+private Redis Cluster (tests/redis_servers.py); every test runs each through the same operations. The last
+two tests drive a seeded random sequence of operations through a twin and a Redis store (one node, and the
+cluster) side by side and require the same answer to every one.
 """
 
 from __future__ import annotations
@@ -10,18 +11,41 @@ from __future__ import annotations
 import datetime as dt
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
+import pytest
 
-from router.affinity_store import AffinityStore
+from router.affinity_store import AffinityStore, index_key
 from router.budget_store import BudgetStore, FlexBudget, Usage
 from router.lifecycle.ports import AffinityIndex, BudgetLedger
+from router.redis_pool import RedisClient, close_redis, make_redis
 from router.replay.affinity_twin import MemoryAffinityStore
 from router.replay.budget_twin import MemoryBudgetStore, periods
 
 T0 = int(dt.datetime(2026, 11, 30, 23, 59, tzinfo=dt.UTC).timestamp() * 1000)   # near a day and month end
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The in-memory twin, the Redis store on one node, and on a Redis Cluster."""
+    return str(request.param)
+
+
+@pytest.fixture(params=["single", "cluster"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[RedisClient]:
+    """The router's own client (`make_redis`) of one node, or of the private cluster when the test's `kind`
+    or `backend` says so."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    cluster = "cluster" in (params.get("kind"), params.get("backend"))
+    client = make_redis(request.getfixturevalue("cluster_url") if cluster else redis_url, 2.0)
+    yield client
+    await close_redis(client)
 
 
 class Clock:
@@ -32,13 +56,13 @@ class Clock:
         return self.ms
 
 
-def make_budget(kind: str, r: aioredis.Redis, clock: Callable[[], int], keep_s: float = 7 * 86400) -> BudgetLedger:
-    return BudgetStore(r, clock_ms=clock, keep_s=keep_s) if kind == "redis" else \
+def make_budget(kind: str, r: RedisClient, clock: Callable[[], int], keep_s: float = 7 * 86400) -> BudgetLedger:
+    return BudgetStore(r, clock_ms=clock, keep_s=keep_s) if kind != "memory" else \
         MemoryBudgetStore(clock_ms=clock, keep_s=keep_s)
 
 
-def make_affinity(kind: str, r: aioredis.Redis, clock: Callable[[], int]) -> AffinityIndex:
-    return AffinityStore(r, timeout_s=2.0, clock_ms=clock) if kind == "redis" else MemoryAffinityStore(clock)
+def make_affinity(kind: str, r: RedisClient, clock: Callable[[], int]) -> AffinityIndex:
+    return AffinityStore(r, timeout_s=2.0, clock_ms=clock) if kind != "memory" else MemoryAffinityStore(clock)
 
 
 def usage(cost: int, at_ms: int, prompt: int = 100, completion: int = 10, tier: str = "fast") -> Usage:
@@ -50,7 +74,7 @@ def name() -> str:
     return "c-" + uuid.uuid4().hex[:10]
 
 
-async def test_budget_reserve_settle_idempotent_and_flexible(kind: str, redis: aioredis.Redis) -> None:
+async def test_budget_reserve_settle_idempotent_and_flexible(kind: str, redis: RedisClient) -> None:
     clock = Clock()
     store = make_budget(kind, redis, clock)
     t = name()
@@ -83,7 +107,7 @@ async def test_budget_reserve_settle_idempotent_and_flexible(kind: str, redis: a
     assert agg[f"{day_hour}|fast|nocache"] == 257 + 12
 
 
-async def test_budget_rate_windows_expiry_and_periods(kind: str, redis: aioredis.Redis) -> None:
+async def test_budget_rate_windows_expiry_and_periods(kind: str, redis: RedisClient) -> None:
     clock = Clock()
     store = make_budget(kind, redis, clock)
     t = name()
@@ -104,7 +128,7 @@ async def test_budget_rate_windows_expiry_and_periods(kind: str, redis: aioredis
     assert await store.sweep(t) == 0
 
 
-async def test_affinity_prefix_ttl_and_capacity(kind: str, redis: aioredis.Redis) -> None:
+async def test_affinity_prefix_ttl_and_capacity(kind: str, redis: RedisClient) -> None:
     clock = Clock()
     store = make_affinity(kind, redis, clock)
     tier = name()
@@ -125,7 +149,7 @@ async def test_affinity_prefix_ttl_and_capacity(kind: str, redis: aioredis.Redis
     assert await store.lookup([(tier, ["a"], hs[6:])], 10.0) == {(tier, "a"): 1}
     await store.clear(tier, "a")
     assert await store.size(tier, "a") == 0
-    await redis.delete(*(f"{{tiergate-aff}}:{tier}:{i}" for i in "abc"))
+    await redis.delete(*(index_key(tier, i) for i in "abc"))
 
 
 def _admit_args(rng: random.Random) -> dict[str, Any]:
@@ -144,12 +168,12 @@ async def outcome(coro: Any) -> Any:
         return "error"
 
 
-async def test_budget_twin_answers_as_redis(redis: aioredis.Redis) -> None:
+async def test_budget_twin_answers_as_redis(backend: str, redis: RedisClient) -> None:
     """A seeded random sequence through the twin and Redis: every answer the same."""
     rng = random.Random(13)
     clock = Clock()
     keep = 365 * 86400.0     # ids stay known for the whole run (Redis expires keys on its own clock)
-    twin, real = make_budget("memory", redis, clock, keep), make_budget("redis", redis, clock, keep)
+    twin, real = make_budget("memory", redis, clock, keep), make_budget(backend, redis, clock, keep)
     tenants = [name() for _ in range(2)]
     ids: list[str] = []
     for step in range(400):
@@ -184,11 +208,11 @@ async def test_budget_twin_answers_as_redis(redis: aioredis.Redis) -> None:
         assert await twin.aggregates(t, 30, today) == await real.aggregates(t, 30, today)
 
 
-async def test_affinity_twin_answers_as_redis(redis: aioredis.Redis) -> None:
+async def test_affinity_twin_answers_as_redis(backend: str, redis: RedisClient) -> None:
     """Records, lookups, removals and trims in one millisecond and across TTLs: every answer the same."""
     rng = random.Random(7)
     clock = Clock()
-    twin, real = make_affinity("memory", redis, clock), make_affinity("redis", redis, clock)
+    twin, real = make_affinity("memory", redis, clock), make_affinity(backend, redis, clock)
     tier = name()
     pool = [rng.randbytes(8) for _ in range(40)]
     recorded: dict[str, int] = {}   # instance -> last record time (Redis expires keys on its own clock)
@@ -220,4 +244,4 @@ async def test_affinity_twin_answers_as_redis(redis: aioredis.Redis) -> None:
             # Redis' own clock (the key) and the injected one (the entries' age) would disagree
             continue
         assert got[0] == got[1], (step, got)
-    await redis.delete(*(f"{{tiergate-aff}}:{tier}:{i}" for i in "abcd"))
+    await redis.delete(*(index_key(tier, i) for i in "abcd"))

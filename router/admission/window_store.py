@@ -12,9 +12,11 @@ refused take says how long until the bucket is positive again (`wait_s`).
 Integers only: the bucket is kept in milli-tokens (refill = elapsed ms x rate), so the Lua script and
 the in-memory twin (router/replay/window_twin.py) agree to the token (tests/test_window_store.py runs
 both against one contract).
-Layout: `{tiergate-win}:<tier>:<instance>` is a hash {m: milli-tokens, ts: ms of the last refill}, with
+Layout: `{tg:win:<tier>}:<instance>` is a hash {m: milli-tokens, ts: ms of the last refill}, with
 a PEXPIRE of the time to refill from where it stands plus a second (an idle window's key goes away: a
-missing key is a full bucket).
+missing key is a full bucket). One hash tag per tier, so tiers spread over a Redis Cluster's shards (the
+script touches one key). Before the cluster release the keys were `{tiergate-win}:<tier>:<instance>`: an
+upgrade starts every window full (the old keys expire within seconds), as after an idle spell.
 Failure mode: windows fail open. Every call has a short timeout; a failure answers None and the caller
 falls back to its replica-local windows (the same bucket in memory), counted and logged by the caller.
 """
@@ -25,9 +27,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from router.affinity_store import _NOW
+from router.redis_pool import RedisClient, register
 
 # KEYS[1]: the window. ARGV: now ms ('' = Redis TIME), rate (tokens/s), burst (tokens), cost (tokens),
 # floor (tokens: admit while the bucket is above it; 0 by default, negative for a class allowed to overdraw)
@@ -57,7 +58,7 @@ return {ok, string.format('%.0f', m), wait_ms}
 
 
 def window_key(tier: str, instance: str) -> str:
-    return f"{{tiergate-win}}:{tier}:{instance}"
+    return f"{{tg:win:{tier}}}:{instance}"
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,11 @@ def check(rate: float, burst: float, cost: int, floor: float = 0) -> tuple[int, 
 
 
 class WindowStore:
-    def __init__(self, redis: aioredis.Redis, *, timeout_s: float = 0.05, clock_ms: Any = None) -> None:
+    def __init__(self, redis: RedisClient, *, timeout_s: float = 0.05, clock_ms: Any = None) -> None:
         self.redis = redis
         self.timeout_s = timeout_s
         self.clock_ms = clock_ms      # None: Redis TIME
-        self._take = redis.register_script(_TAKE)
+        self._take = register(redis, _TAKE)
 
     async def take(self, tier: str, instance: str, cost: int, rate: float, burst: float,
                    floor: float = 0) -> Grant | None:
