@@ -72,7 +72,8 @@ MAX_CHECK = 256                                 # tenants checked in one round t
 
 
 def label(threshold: float) -> str:
-    return f"{threshold:g}"
+    """A threshold as its claim's field and metric label: 0.8 -> '0.8', 1.0 -> '1' (distinct for distinct values)."""
+    return repr(float(threshold)).removesuffix(".0")
 
 
 def targets(policy: Policy) -> dict[str, list[Target]]:
