@@ -10,6 +10,7 @@ import msgspec
 import yaml
 
 from policies.admission_spec import AdmissionSpec, admission_errors
+from policies.alerts_spec import AlertsSpec, alert_errors
 from policies.yaml_loader import PolicyError as PolicyError
 from policies.yaml_loader import load_yaml, read_policy_text
 
@@ -130,6 +131,7 @@ class TenantSpec(msgspec.Struct, **STRICT):
     degrade: DegradeSpec | None = None
     completion_tokens: int | None = None    # completion budget for a request without max_tokens (before the class's)
     weight: float = 1.0                     # share among waiting tenants of a class (policies/admission_spec.py)
+    alerts: AlertsSpec | None = None        # budget alert thresholds (policies/alerts_spec.py); None: the default
 
 
 class AnonymousSpec(msgspec.Struct, **STRICT):
@@ -188,6 +190,7 @@ class Policy(msgspec.Struct, **STRICT):
     accounting: AccountingSpec = AccountingSpec()
     anonymous: AnonymousSpec | None = None
     admission: AdmissionSpec = AdmissionSpec()
+    alerts: AlertsSpec | None = None        # the default thresholds of tenants with budgets (alerts_spec.py)
 
 
 def _node_line(root: yaml.Node | None, path: list[str]) -> int | None:
@@ -407,4 +410,5 @@ def semantic_errors(policy: Policy) -> list[tuple[str, str]]:
         errs.append(("$.anonymous.tenant", f"unknown tenant {policy.anonymous.tenant!r}; declare it under tenants"))
     errs.extend(alias_errors(policy))
     errs.extend(admission_errors(policy))
+    errs.extend(alert_errors(policy))
     return errs

@@ -126,6 +126,7 @@ class Accountant:
         self.unknown: dict[str, str] = {}         # refused requests whose admission outcome is unknown -> tenant
         self.store_ok = store is not None
         self.batch: MicroBatcher[Settlement] = MicroBatcher("settle", self._settle_batch, metrics=metrics)
+        self.on_settled: Callable[[str], None] = lambda tenant: None   # a tenant's bill landed (router/alerts.py)
         metrics.journal_pending.set(journal.pending)
 
     @staticmethod
@@ -303,6 +304,7 @@ class Accountant:
                 async with asyncio.timeout(self.settle_timeout_s):
                     how = await self.store.settle(tenant, rid, usage)
                 self.metrics.child(self.metrics.settlements, how).inc()
+                self.on_settled(tenant)
                 return
             except Exception as exc:
                 self._store_failed(exc)
@@ -327,6 +329,7 @@ class Accountant:
                         failed.append(item)
                     else:
                         self.metrics.child(self.metrics.settlements, how).inc()
+                        self.on_settled(item[0])
                 items = failed
         if items:
             await self._journal(items)
@@ -345,6 +348,7 @@ class Accountant:
             async with asyncio.timeout(self.settle_timeout_s):
                 how = await store.settle(tenant, rid, usage)
             self.metrics.child(self.metrics.settlements, "replayed_" + how).inc()
+            self.on_settled(tenant)
 
         try:
             n = await self.journal.replay(one)

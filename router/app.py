@@ -28,6 +28,7 @@ from router.accounting import Accountant
 from router.admission.live import LiveGate
 from router.admission.window_store import WindowStore
 from router.affinity_store import AffinityStore, Breaker
+from router.alerts import BudgetAlerts
 from router.budget_store import BudgetStore
 from router.deadlines import Deadlines
 from router.decision_records import RedisDecisionRecords
@@ -95,6 +96,9 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
                                         wait_timeout_ms=settings.redis_wait_timeout_ms)
                             if store is not None else None, journal, metrics,
                             timeout_s=max(settings.redis_timeout_s, settings.accounting_timeout_s))
+    alerts = None if store is None else BudgetAlerts.from_settings(settings, store, metrics, lambda: accountant.policy)
+    if alerts is not None:   # budget alerts, checked after each settlement (router/alerts.py)
+        accountant.on_settled = alerts.settled
     tokenizers = tokenizers or TokenizerCache()
     limits = RequestLimits(settings, metrics, tokenizers)  # body limit, long-prompt gate (router/limits.py)
     records = RedisDecisionRecords(store, metrics, maxlen=settings.decision_records_max,
@@ -186,6 +190,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         tasks.append(asyncio.create_task(gate.run(), name="admission-gate"))
         if recorder is not None:
             tasks.append(asyncio.create_task(recorder.run(), name="trace-record"))
+        if alerts is not None:
+            tasks.append(asyncio.create_task(alerts.run(), name="budget-alerts"))
         if load_sync is not None:
             tasks.append(asyncio.create_task(load_sync.run(), name="load-sync"))
         if metrics.multiprocess:   # one of `tiergate serve --workers N` (router/workers.py)
@@ -223,6 +229,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
             if records is not None:
                 await records.flush()
             await accountant.drain()
+            if alerts is not None:   # the last settlements' alerts, then the webhook's grace
+                await alerts.aclose()
             if recorder is not None:
                 await recorder.aclose()
             await accountant.replay_once()

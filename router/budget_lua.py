@@ -10,6 +10,8 @@ Keys, all under one hash tag per tenant `{tg:<tenant>}` (one Redis Cluster slot)
   :usage      STREAM  the usage ledger, one record per settled request
   :agg:<YYYYMMDD>  HASH  <YYYYMMDDHH>|<tier>|<field> -> integer sums, fed with the ledger; one key
                     per UTC day, expiring `usage_retention_days` after its last write
+  :alerts:<daily|monthly>:<period id>  HASH  budget alert thresholds claimed in the period -> spend
+                    at the claim (router/alerts.py), expiring two days after the period ends
 
 Every script takes ARGV[1] = now in ms, or '' for Redis TIME (tests inject a clock).
 """

@@ -1,7 +1,7 @@
 """Prometheus metrics on a private registry (one per app, no globals).
 
-Tenant labels (`tenant` on requests, tokens, cost, SLO, admissions, budget remaining and expired
-reservations) take one of three forms (Settings.metrics_tenant_labels):
+Tenant labels (`tenant` on requests, tokens, cost, SLO, admissions, budget remaining, budget alerts and
+expired reservations) take one of three forms (Settings.metrics_tenant_labels):
 - `name` (default): the tenant's name from the policy.
 - `hash`: `t_` + the first 12 hex digits of HMAC-SHA256(metrics_tenant_salt, name). Stable across
   replicas and restarts that share the salt, so per-tenant graphs and alerts keep working, but a
@@ -118,6 +118,11 @@ class RouterMetrics:
         self.journal_pending = Gauge("tiergate_usage_journal_pending", "Usage records waiting in the local journal "
                                      "for Redis.", registry=r,
                                 multiprocess_mode="livesum")
+        self.budget_alerts = Counter("tiergate_budget_alerts", "Budget alerts (router/alerts.py) by tenant, period "
+                                     "(daily, monthly), threshold and result: fired (claimed by this replica, "
+                                     "once per period across replicas), delivered, failed, dropped (webhook), "
+                                     "no_webhook (none configured).", ["tenant", "period", "threshold", "result"],
+                                     registry=r)
         self.swept = Counter("tiergate_reservations_expired", "Reservations released by the sweeper (a router "
                              "died mid-request).", ["tenant"], registry=r)
         self.discovery = Counter("tiergate_discovery_resolutions", "DNS resolutions of discovering tiers by result "
@@ -216,7 +221,7 @@ class RouterMetrics:
         # where each metric labelled by tenant has its tenant label (every tenant-labelled write goes via child)
         self._tenant_at = {id(self.requests): 1, id(self.tokens): 1, id(self.cost): 1, id(self.slo): 1,
                            id(self.admissions): 0, id(self.budget_remaining): 0, id(self.swept): 0,
-                           id(self.budget_limit): 0}
+                           id(self.budget_limit): 0, id(self.budget_alerts): 0}
         self._dropped = {id(self.budget_remaining), id(self.budget_limit)} if redacted else set()
 
     def child(self, metric: Any, *labels: str) -> Any:

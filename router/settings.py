@@ -77,6 +77,12 @@ class Settings(msgspec.Struct, kw_only=True):
     auth_fail_burst: int = 10               # failed key checks per client address at once (router/throttle.py)
     auth_fail_per_min: float = 10.0         # ... and then per minute; past them 429 + Retry-After
     auth_fail_max_addresses: int = 10_000   # addresses remembered (LRU): bounds the throttle's memory
+    # budget alerts (router/alerts.py): where they are POSTed is operator configuration only, never the policy's
+    alert_webhook_url: str | None = None     # http(s) URL; None: alerts are only logged and counted
+    alert_webhook_secret: str | None = None  # HMAC-SHA256 key of x-tiergate-signature; required with the URL
+    alert_webhook_attempts: int = 5          # tries per alert (connect errors, timeouts, 5xx and 429 are retried)
+    alert_webhook_backoff_s: float = 2.0     # first retry delay, doubled each time, with jitter (capped at 30 s)
+    alert_webhook_timeout_s: float = 10.0    # one attempt
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
