@@ -9,6 +9,7 @@ import uuid
 from fractions import Fraction
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from backends.sim.engine import Engine, SimRequest
@@ -18,6 +19,8 @@ from policies.schema import load_policy
 from router.accounting import cost_units
 from router.budget_store import BudgetStore, Usage, usd
 from router.chargeback import live_charge, split_steps
+from router.cli import main as cli_main
+from router.cost_cli import CostInputs, prices
 from router.lifecycle.billing import counterfactuals
 from router.replay.budget_twin import MemoryBudgetStore
 from router.replay.cluster import shape
@@ -196,3 +199,39 @@ async def test_twin_and_store_aggregate_the_new_ledger_fields_alike(redis: aiore
         "nocache": u.nocache, "slo_met": 1, "slo_n": 1, "base_n": 1, "base_na": 0, "base_cost": u.cost,
         "gpu_us": 1234, "gpu_src_engine": 1, "slo_met@a_b": 1, "slo_n@a_b": 1}
     assert usd(u.cost) == 0.000062
+
+
+def _cost(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = cli_main(["cost", *argv])
+    out, err = capsys.readouterr()
+    return rc, out + err
+
+
+def test_cost_prints_its_formula_and_the_prices_of_the_worked_example(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's example: ¥3.6 per hour, 89 (FP16) vs 125 (mixed precision) output tokens/s on one RTX 4090D."""
+    rc, fp16 = _cost("--gpu-price-per-hour", "3.6", "--currency", "CNY", "--tokens-per-s", "89", capsys=capsys)
+    assert rc == 0
+    assert "price per output token = price_per_hour / (3600 s x output_tokens_per_s x utilization)" in fp16
+    assert "output:       11.235955 CNY per 1M tokens = 3.6 / (3600 x 89 x 1) x 1e6" in fp16
+    assert "input:        2.808989 CNY per 1M tokens = output price x 0.25" in fp16
+    assert fp16.splitlines()[-1] == "prices: {input: 2.809, cached_input: 0.5618, output: 11.236}   # CNY per 1M tokens"
+    assert "pass --usd-per-unit" in fp16
+    _, mixed = _cost("--gpu-price-per-hour", "3.6", "--currency", "CNY", "--tokens-per-s", "125", capsys=capsys)
+    assert "output:       8.000000 CNY per 1M tokens" in mixed
+    assert round(1 - prices(CostInputs(3.6, 125)).output / prices(CostInputs(3.6, 89)).output, 4) == 0.288
+    _, usd_line = _cost("--gpu-price-per-hour", "3.6", "--currency", "CNY", "--usd-per-unit", "0.14",
+                        "--tokens-per-s", "125", capsys=capsys)
+    assert usd_line.splitlines()[-1] == "prices: {input: 0.28, cached_input: 0.056, output: 1.12}   # USD per 1M tokens"
+
+
+def test_cost_with_a_prefill_rate_and_utilization(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = _cost("--gpu-price-per-hour", "2", "--tokens-per-s", "1000", "--utilization", "0.5",
+                    "--input-tokens-per-s", "20000", capsys=capsys)
+    assert rc == 0
+    assert "output:       1.111111 USD per 1M tokens = 2 / (3600 x 1000 x 0.5) x 1e6" in out
+    assert "input:        0.055556 USD per 1M tokens = 2 / (3600 x 20000 x 0.5) x 1e6" in out
+    assert out.splitlines()[-1] == "prices: {input: 0.0556, cached_input: 0.0111, output: 1.1111}   # USD per 1M tokens"
+    for bad in (["--utilization", "0"], ["--utilization", "1.5"], ["--tokens-per-s", "0"]):
+        args = ["--gpu-price-per-hour", "2", "--tokens-per-s", "1000", *bad]
+        rc, err = _cost(*args, capsys=capsys)
+        assert rc == 2 and err.startswith("error: --")
