@@ -3,7 +3,6 @@ run's charges against the engines' busy time, exact savings on a known ledger, a
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import uuid
 from fractions import Fraction
@@ -88,8 +87,10 @@ async def test_the_simulator_loop_charges_the_constructed_case_exactly() -> None
     eng.add(b, _hashes(b))
     eng.start()
     try:
-        while a.finish_reason is None or b.finish_reason is None:
-            await asyncio.sleep(0)
+        for r in (a, b):
+            while r.finish_reason is None:   # the engine sets the event at each token and at the finish
+                await r.event.wait()
+                r.event.clear()
     finally:
         await eng.stop()
     assert (a.gpu_s, b.gpu_s, eng.stats.gpu_busy_s) == (0.875, 1.625, 2.5)

@@ -287,11 +287,11 @@ class MemoryBudgetStore:
         h = e.data
         f = usage.fields()
         adds = [("requests", 1), ("cost", usage.cost)]
-        for k, v in zip(f[::2], f[1::2], strict=True):
+        for k, raw in zip(f[::2], f[1::2], strict=True):
             if k in AGG_FIELDS or k.startswith(("slo_met@", "slo_n@")):
-                adds.append((k, int(float(v or 0))))
-            elif k == "gpu_src" and v in GPU_SOURCES:
-                adds.append(("gpu_src_" + v, 1))
+                adds.append((k, int(float(raw or 0))))
+            elif k == "gpu_src" and raw in GPU_SOURCES:
+                adds.append(("gpu_src_" + raw, 1))
         for k, v in adds:
             h[base + k] = h.get(base + k, 0) + v
         e.expires_at = now + self.retention_days * 86_400_000
