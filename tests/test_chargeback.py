@@ -110,7 +110,14 @@ def test_a_replayed_run_charges_its_engines_busy_time_and_the_ledger_each_tenant
     assert abs(charged - sum(res.gpu_busy_s.values())) <= 300e-6
     assert set(res.tenants_gpu_us) == {"demo", "capped"} and sum(res.tenants_gpu_us.values()) == sum(
         res.gpu_us.values())
+    sums = run.budget.all_aggregates()
+    total = {m: sum(v for t in sums.values() for k, v in t.items() if k.endswith("|" + m))
+             for m in ("gpu_src_sim", "base_n", "base_na", "gpu_us")}
+    assert total["gpu_src_sim"] == total["base_n"] + total["base_na"] == 300   # every one charged exactly, compared
+    assert total["base_na"] >= res.tiers["long"] > 0    # the long prompts: the baseline (32768 tokens) had no room
+    assert total["gpu_us"] == sum(res.gpu_us.values())
     s = res.summary()
+    assert s["baseline_no_alternative"] == total["base_na"]
     assert s["tenants_gpu_s"] == {t: round(v / 1e6, 6) for t, v in sorted(res.tenants_gpu_us.items())}
 
 

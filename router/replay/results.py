@@ -5,6 +5,9 @@ serving tier's prices), its TTFT (arrival to first token; a request that is not 
 answer) and TPOT (first to last token over the tokens after the first), against its class's targets.
 Summary per policy:
   usd_per_1m_tokens   billed token cost / (prompt + completion tokens) x 1e6;
+  baseline_usd        the cost on the baseline tier of the requests it could have served (their context fits,
+                      the tenant may use it: router/lifecycle/billing.py), vs their own cost
+                      (baseline_comparable_usd); baseline_no_alternative: the requests it could not serve;
   gpu_seconds         per tier with `gpu_cost_per_hour`: instances x the replay's makespan (provisioned),
                       their busy part, the GPU time charged to its requests (router/chargeback.py) and the
                       provisioned cost; tenants_gpu_s: the GPU time charged per tenant (the ledger's sums);
@@ -53,7 +56,9 @@ class Results:
     cached: int = 0
     completion: int = 0
     cost_units: int = 0
-    base_units: int = 0
+    base_units: int = 0          # on the baseline tier, of the requests it could have served
+    base_cost_units: int = 0     # what those same requests cost
+    no_alternative: int = 0      # requests the baseline tier could not have served
     tiers: dict[str, int] = field(default_factory=dict)
     tier_units: dict[str, int] = field(default_factory=dict)                 # tier -> billed cost units
     tier_tokens: dict[str, tuple[int, int]] = field(default_factory=dict)    # tier -> (prompt, cached)
@@ -82,6 +87,10 @@ class Results:
         self.completion += u.completion
         self.cost_units += u.cost
         self.base_units += u.base
+        if u.base_ok:
+            self.base_cost_units += u.cost
+        elif u.base_ok is False:
+            self.no_alternative += 1
         self.tiers[u.tier] = self.tiers.get(u.tier, 0) + 1
         self.tier_units[u.tier] = self.tier_units.get(u.tier, 0) + u.cost
         self.gpu_us[u.tier] = self.gpu_us.get(u.tier, 0) + u.gpu_us
@@ -129,6 +138,8 @@ class Results:
             "usd": round(self.cost_units / COST_SCALE, 8),
             "usd_per_1m_tokens": round(self.cost_units / COST_SCALE / tokens * 1e6, 6) if tokens else None,
             "baseline_usd": round(self.base_units / COST_SCALE, 8),
+            "baseline_comparable_usd": round(self.base_cost_units / COST_SCALE, 8),
+            "baseline_no_alternative": self.no_alternative,
             "tokens": {"prompt": self.prompt, "cached": self.cached, "completion": self.completion},
             "cache_hit": round(self.cached / self.prompt, 6) if self.prompt else None,
             "makespan_s": round(self.makespan_s, 3),
