@@ -8,7 +8,8 @@ Keys, all under one hash tag per tenant `{tg:<tenant>}` (one Redis Cluster slot)
   :q:<id>     HASH  one request: st (open|settled|expired), res, tok, d, m, min, cost
   :open       ZSET  open reservations by expiry (ms), for the sweeper
   :usage      STREAM  the usage ledger, one record per settled request
-  :agg:<YYYYMMDD>  HASH  <YYYYMMDDHH>|<tier>|<field> -> integer sums, fed with the ledger; one key
+  :agg:<YYYYMMDD>  HASH  <YYYYMMDDHH>|<tier>|<field> -> integer sums, fed with the ledger (requests, cost,
+                    budget_store.AGG_FIELDS, gpu_src_<engine|sim|throughput>, slo_met@<class>, slo_n@<class>); one key
                     per UTC day, expiring `usage_retention_days` after its last write
   :alerts:<daily|monthly>:<period id>  HASH  budget alert thresholds claimed in the period -> spend
                     at the claim (router/alerts.py), expiring two days after the period ends
@@ -141,7 +142,9 @@ return {'ok', fmt(dlim - dused - reserve), fmt(mlim - mused - reserve), fmt(duse
 """
 
 # KEYS: q, w, b, open, usage, agg prefix. ARGV: now, id, cost, tokens, keep_ms, maxlen, at_ms, agg_keep_ms,
-# then the ledger record as field/value pairs (tier, instance, prompt, cached, completion, base, nocache, slo, ...).
+# then the ledger record as field/value pairs (budget_store.Usage.fields: tier, instance, prompt, cached, completion,
+# base, nocache, slo, base_n, base_na, base_cost, gpu_us, gpu_src, slo_met@<class>, slo_n@<class>, ...). The hourly
+# aggregates sum the numeric ones (budget_store.AGG_FIELDS and the per-class SLO counts) and count gpu_src_<source>.
 # -> {'settled', how} where how = open | expired | orphan;  {'dup', 'settled'}
 SETTLE = _COMMON + """
 local now = now_ms(ARGV[1])
@@ -181,11 +184,15 @@ local base = hour .. '|' .. tier .. '|'
 local agg = KEYS[6] .. ':' .. string.sub(hour, 1, 8)  -- the day's key, in the tenant's slot
 redis.call('HINCRBY', agg, base .. 'requests', 1)
 redis.call('HINCRBY', agg, base .. 'cost', fmt(cost))
+local sums = {prompt = true, cached = true, completion = true, base = true, nocache = true, slo_met = true,
+              slo_n = true, base_n = true, base_na = true, base_cost = true, gpu_us = true}
+local srcs = {engine = true, sim = true, throughput = true}
 for i = 9, #ARGV - 1, 2 do
-  local f = ARGV[i]
-  if f == 'prompt' or f == 'cached' or f == 'completion' or f == 'base' or f == 'nocache' or f == 'slo_met'
-     or f == 'slo_n' then
-    redis.call('HINCRBY', agg, base .. f, fmt(num(ARGV[i + 1])))
+  local f, v = ARGV[i], ARGV[i + 1]
+  if sums[f] or string.sub(f, 1, 8) == 'slo_met@' or string.sub(f, 1, 6) == 'slo_n@' then
+    redis.call('HINCRBY', agg, base .. f, fmt(num(v)))
+  elseif f == 'gpu_src' and srcs[v] then
+    redis.call('HINCRBY', agg, base .. 'gpu_src_' .. v, 1)
   end
 end
 redis.call('PEXPIRE', agg, num(ARGV[8]))

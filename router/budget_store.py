@@ -30,6 +30,7 @@ the in-memory twin (same replies, parsed by the same functions; tests/test_store
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,12 @@ class Admission:
 
 @dataclass(frozen=True)
 class Usage:
-    """One request's usage, as it is settled and written to the ledger."""
+    """One request's usage, as it is settled and written to the ledger.
+
+    Counterfactuals are honest (router/counterfactual.py): `base` is the cost on the baseline tier only
+    where that tier could have served the request (`base_ok` True); `base_ok` False is "no alternative"
+    (`base` 0), None: nothing to compare (an unbilled request). `gpu_us`/`gpu_src`: the GPU time charged
+    (router/chargeback.py) and its input (engine | sim | throughput; "" none)."""
 
     tier: str
     instance: str
@@ -96,22 +102,46 @@ class Usage:
     cached: int
     completion: int
     cost: int            # units
-    base: int            # what it would have cost on the baseline tier (units)
+    base: int            # what it would have cost on the baseline tier (units), where the baseline could serve it
     nocache: int         # what it would have cost with no cache hits (units)
     latency_ms: float
     ttft_ms: float | None
     slo_met: bool | None
     at_ms: int           # wall-clock time of the request (bills orphans in the right period)
     source: str = "backend"   # backend usage, or "counted" from the stream
+    base_ok: bool | None = None   # the baseline tier could have served it (None: not billed, nothing to compare)
+    gpu_us: int = 0               # GPU-microseconds charged
+    gpu_src: str = ""             # engine | sim | throughput ("" none)
+    slo_class: str = ""           # the SLO class (per-class attainment)
 
     def fields(self) -> list[str]:
         slo = "" if self.slo_met is None else ("1" if self.slo_met else "0")
-        return ["tier", self.tier, "instance", self.instance, "route", self.route, "status", str(self.status),
-                "prompt", str(self.prompt), "cached", str(self.cached), "completion", str(self.completion),
-                "base", str(self.base), "nocache", str(self.nocache), "latency_ms", f"{self.latency_ms:.1f}",
-                "ttft_ms", "" if self.ttft_ms is None else f"{self.ttft_ms:.1f}", "slo", slo,
-                "slo_met", "1" if self.slo_met else "0", "slo_n", "0" if self.slo_met is None else "1",
-                "source", self.source]
+        ok = self.base_ok
+        out = ["tier", self.tier, "instance", self.instance, "route", self.route, "status", str(self.status),
+               "prompt", str(self.prompt), "cached", str(self.cached), "completion", str(self.completion),
+               "base", str(self.base), "nocache", str(self.nocache),
+               "latency_ms", f"{self.latency_ms:.1f}",
+               "ttft_ms", "" if self.ttft_ms is None else f"{self.ttft_ms:.1f}", "slo", slo,
+               "slo_met", "1" if self.slo_met else "0", "slo_n", "0" if self.slo_met is None else "1",
+               "source", self.source, "base_n", "1" if ok else "0", "base_na", "1" if ok is False else "0",
+               "base_cost", str(self.cost) if ok else "0", "gpu_us", str(self.gpu_us), "gpu_src", self.gpu_src]
+        if self.slo_met is not None and self.slo_class:
+            cls = slo_label(self.slo_class)
+            out += [f"slo_met@{cls}", "1" if self.slo_met else "0", f"slo_n@{cls}", "1"]
+        return out
+
+
+GPU_SOURCES = ("engine", "sim", "throughput")
+# ledger fields the hourly aggregates sum (router/budget_lua.py SETTLE, router/replay/budget_twin.py), besides
+# requests and cost; plus gpu_src -> gpu_src_<source> += 1, and slo_met@<class> / slo_n@<class>
+AGG_FIELDS = ("prompt", "cached", "completion", "base", "nocache", "slo_met", "slo_n", "base_n", "base_na",
+              "base_cost", "gpu_us")
+_LABEL = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def slo_label(name: str) -> str:
+    """An SLO class name as it may appear in an aggregate key (no '|', bounded)."""
+    return _LABEL.sub("_", name)[:64]
 
 
 class BudgetStore:

@@ -1,4 +1,4 @@
-"""`tiergate` command line: serve, sim, policy check, replay, keys new."""
+"""`tiergate` command line: serve, sim, policy check, replay, keys new, cost."""
 
 from __future__ import annotations
 
@@ -184,6 +184,18 @@ def _sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost(args: argparse.Namespace) -> int:
+    from router.cost_cli import inputs, render
+
+    try:
+        c = inputs(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(render(c), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from backends.sim.run import add_sim_args
@@ -218,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     kn = keysub.add_parser("new", help="print a new key and its hash")
     kn.add_argument("--tenant", required=True)
     kn.set_defaults(fn=_keys_new)
+    from router.cost_cli import add_cost_args
+
+    cost = sub.add_parser("cost", help="per-token prices from a GPU's price per hour and measured throughput")
+    add_cost_args(cost)
+    cost.set_defaults(fn=_cost)
     args = p.parse_args(argv)
     return int(args.fn(args))
 

@@ -272,10 +272,18 @@ class UsageRow(Struct, kw_only=True):
     cached_tokens: int
     completion_tokens: int
     cost_usd: float
-    baseline_cost_usd: float
+    baseline_cost_usd: Annotated[float, Meta(description="On the baseline tier, of the requests it could have served.")]
     no_cache_cost_usd: float
+    baseline_requests: int
+    no_alternative_requests: Annotated[int, Meta(description="Requests the baseline tier could not have served.")]
+    baseline_comparable_cost_usd: Annotated[float, Meta(description="The actual cost of the baseline_requests.")]
     slo_met: int
     slo_measured: int
+    slo_by_class: dict[str, dict[str, int]]
+    gpu_hours: Annotated[float, Meta(description="GPU time charged (router/chargeback.py).")]
+    gpu_cost_usd: Annotated[float | None, Meta(description="gpu_hours x the tier's gpu_cost_per_hour; null: none.")]
+    gpu_source_requests: Annotated[dict[str, int], Meta(description="Requests charged from each input: engine, "
+                                                        "sim, throughput (an estimate).")]
 
 
 class UsageTotals(Struct, kw_only=True):
@@ -286,8 +294,15 @@ class UsageTotals(Struct, kw_only=True):
     cost_usd: float
     baseline_cost_usd: float
     no_cache_cost_usd: float
-    savings_vs_baseline_usd: float
+    baseline_requests: int
+    no_alternative_requests: int
+    baseline_comparable_cost_usd: float
+    savings_vs_baseline_usd: Annotated[float, Meta(description="baseline_cost_usd - baseline_comparable_cost_usd.")]
     savings_from_cache_usd: float
+    slo_by_class: dict[str, dict[str, int]]
+    gpu_hours: float
+    gpu_cost_usd: float | None
+    gpu_source_requests: dict[str, int]
 
 
 class UsageReport(Struct, kw_only=True):

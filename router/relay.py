@@ -49,6 +49,7 @@ class Outcome:
     backlog_at_dispatch: int = 0        # queued requests the chosen instance had when we sent this one
     first_token_at: float | None = None  # first non-empty token (a stream's first chunk may carry only the role)
     keep_chunk_usage: bool = False       # the client itself asked for continuous usage stats
+    gpu_s: float | None = None           # the engine's exact GPU time for it, where it reports one (the simulator)
 
 
 def prefilled(inst: InstanceState, tokens: int) -> None:

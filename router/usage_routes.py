@@ -83,7 +83,8 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
             raise ApiError(503, "the usage store is unavailable; retry shortly", code="accounting_unavailable",
                            headers={"Retry-After": "2"}) from None
         b = policy.tenants[tenant].budgets
-        return report(tenant, agg, days, day(), budget_view(b.daily_usd, b.monthly_usd, status))
+        return report(tenant, agg, days, day(), budget_view(b.daily_usd, b.monthly_usd, status),
+                      {name: t.gpu_cost_per_hour for name, t in policy.tiers.items()})
 
     def reply(reports: list[dict[str, Any]], fmt: str, single: bool) -> Response[bytes]:
         if fmt == "csv":

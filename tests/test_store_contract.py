@@ -67,7 +67,8 @@ def make_affinity(kind: str, r: RedisClient, clock: Callable[[], int]) -> Affini
 
 def usage(cost: int, at_ms: int, prompt: int = 100, completion: int = 10, tier: str = "fast") -> Usage:
     return Usage(tier=tier, instance="i0", route="auto", status=200, prompt=prompt, cached=3, completion=completion,
-                 cost=cost, base=cost * 3, nocache=cost + 7, latency_ms=12.5, ttft_ms=3.0, slo_met=True, at_ms=at_ms)
+                 cost=cost, base=cost * 3, nocache=cost + 7, latency_ms=12.5, ttft_ms=3.0, slo_met=True, at_ms=at_ms,
+                 base_ok=True, gpu_us=cost * 11, gpu_src="engine", slo_class="interactive")
 
 
 def name() -> str:
@@ -105,6 +106,10 @@ async def test_budget_reserve_settle_idempotent_and_flexible(kind: str, redis: R
     agg = await store.aggregates(t, 3, dt.date(2026, 11, 30))
     assert agg[f"{day_hour}|fast|requests"] == 2 and agg[f"{day_hour}|fast|cost"] == 255
     assert agg[f"{day_hour}|fast|nocache"] == 257 + 12
+    assert [agg[f"{day_hour}|fast|{k}"] for k in ("base", "base_n", "base_na", "base_cost", "gpu_us",
+                                                   "gpu_src_engine", "slo_met@interactive", "slo_n@interactive")] \
+        == [255 * 3, 2, 0, 255, 255 * 11, 2, 2, 2]
+    assert rows and all(f["gpu_src"] == "engine" and f["base_n"] == "1" for _, f in rows)
 
 
 async def test_budget_rate_windows_expiry_and_periods(kind: str, redis: RedisClient) -> None:

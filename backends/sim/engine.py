@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from backends.sim.gpu_time import charge
 from backends.sim.kvcache import KVCache, block_hashes
 from backends.sim.profile import SimProfile
 
@@ -55,6 +56,7 @@ class SimRequest:
     rng: random.Random = field(default_factory=random.Random)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     n_output: int = 0      # output tokens generated (== len(output_ids) when token_ids)
+    gpu_s: float = 0.0     # GPU time charged to it (backends/sim/gpu_time.py)
     token_ids: bool = True  # False: output tokens are counted, not drawn (replay: `prompt_ids` may be a range
     #                         and `hashes` given, so no token id is ever needed)
 
@@ -80,6 +82,7 @@ class EngineStats:
     prefix_hits: int = 0
     preemptions: int = 0
     steps: int = 0
+    gpu_busy_s: float = 0.0       # the summed durations of steps that served anything (backends/sim/gpu_time.py)
     success: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
@@ -374,7 +377,9 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
             batch = self.schedule()
-            dt = self.step_time(batch) * self.time_scale * self.slow_factor()
+            work = self.step_time(batch) * self.slow_factor()
+            charge(self.stats, batch, work)   # the modelled GPU time, whatever the time scale
+            dt = work * self.time_scale
             if not batch:
                 # Nothing fits (KV full of queued prefixes): wait a step's worth.
                 dt = self.profile.step_overhead_s * self.time_scale

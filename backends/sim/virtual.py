@@ -32,6 +32,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 
 from backends.sim.engine import Engine, SimRequest
+from backends.sim.gpu_time import charge
 
 Event = Callable[[SimRequest, float], None]
 
@@ -39,7 +40,7 @@ Event = Callable[[SimRequest, float], None]
 class _Dec:
     """A decoding request: its computed tokens are base_nc + (steps - base_step)."""
 
-    __slots__ = ("base_nc", "base_out", "base_step", "cached", "fill")
+    __slots__ = ("acc0", "base_nc", "base_out", "base_step", "cached", "fill")
 
     def __init__(self, base_nc: int, base_out: int, base_step: int, cached: int, fill: int) -> None:
         self.base_nc = base_nc
@@ -47,6 +48,7 @@ class _Dec:
         self.base_step = base_step
         self.cached = cached      # leading blocks already cached
         self.fill = fill          # the step count at which its last block is full
+        self.acc0 = 0.0           # the group's per-decoder GPU time when it joined
 
 
 class VirtualEngine:
@@ -74,6 +76,9 @@ class VirtualEngine:
         self.jump_decs: list[SimRequest] = []       # decoders whose next fill the jump took off the heap
         self.busy_s = 0.0                           # time with work to do, up to its last idle moment
         self.busy_since: float | None = None
+        self.dec_acc = 0.0                          # GPU time charged to each decoder of the group so far
+        self.step_start = 0.0                       # when the step in progress began
+        self.step_r = 0                             # the group's decoders in it
 
     # --- the driver's calls ---------------------------------------------------------------------
     def add(self, req: SimRequest, hashes: list[int], t: float) -> None:
@@ -106,6 +111,7 @@ class VirtualEngine:
             return
         done = bisect_right(self.jump, t)
         if done:
+            self._charge_jump(done)
             self.steps += done
             self.engine.stats.steps += done
             self._jump_kv(self.steps)
@@ -120,6 +126,7 @@ class VirtualEngine:
         s = self.steps
         d = _Dec(req.num_computed, req.n_output, s, req.num_computed // self.bs,
                  s + len(req.blocks) * self.bs - req.num_computed)
+        d.acc0 = self.dec_acc
         self.dec[req] = d
         self.ctx_base += d.base_nc - s
         self.seq += 1
@@ -129,6 +136,7 @@ class VirtualEngine:
     def _leave(self, req: SimRequest) -> None:
         """Back to a plain running request: its counts, blocks cached up to its computed tokens."""
         d = self.dec.pop(req)
+        req.gpu_s += self.dec_acc - d.acc0
         self.ctx_base -= d.base_nc - d.base_step
         n = self.steps - d.base_step
         req.num_computed = d.base_nc + n
@@ -180,6 +188,7 @@ class VirtualEngine:
         if self.exact_step:
             self._commit_exact(t)
             return
+        self.dec_acc += charge(e.stats, self.batch, t - self.step_start, self.step_r)
         self.steps += 1
         e.stats.steps += 1
         while self.fins and self.fins[0][0] <= self.steps:
@@ -199,6 +208,7 @@ class VirtualEngine:
     def _commit_exact(self, t: float) -> None:
         e = self.engine
         self.exact_step = False
+        charge(e.stats, self.batch, t - self.step_start)
         self.steps += 1
         e.stats.steps += 1
         batch, self.batch = self.batch, []
@@ -246,6 +256,7 @@ class VirtualEngine:
     def _schedule(self, t: float) -> None:
         e = self.engine
         self.now = t
+        self.step_start, self.step_r = t, 0
         if not self.dec and not e.running and not e.waiting:
             if self.busy_since is not None:
                 self.busy_s += t - self.busy_since
@@ -270,6 +281,7 @@ class VirtualEngine:
             for _, _, req in due:
                 self._push_fill(req, self.dec[req])
         out: list[tuple[SimRequest, int]] = []
+        self.step_r = r
         budget, preempted = e.schedule_running(e.profile.max_num_batched_tokens - r, out)
         if not preempted:
             e.admit_waiting(budget, out, r)
@@ -319,6 +331,15 @@ class VirtualEngine:
         self.jump_decs = [req for _, _, req in firsts]
         self.wake_at = end
 
+    def _charge_jump(self, done: int) -> None:
+        """Charge the first `done` steps of the jump in progress (decode only: the group shares each)."""
+        assert self.jump is not None
+        stats, r, start = self.engine.stats, self.step_r, self.step_start
+        for end in self.jump[:done]:
+            self.dec_acc += charge(stats, (), end - start, r)
+            start = end
+        self.step_start = start
+
     def _jump_kv(self, upto: int) -> None:
         """A jump's block work for fills up to step `upto` (cache the full block, allocate the next)."""
         fills = self.jump_fills
@@ -337,6 +358,7 @@ class VirtualEngine:
     def _end_jump(self) -> None:
         assert self.jump is not None
         n = len(self.jump)
+        self._charge_jump(n - 1)
         self.steps += n - 1              # the last step is committed below, as a single step
         self.engine.stats.steps += n - 1
         self._jump_kv(self.steps)

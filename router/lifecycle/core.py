@@ -40,6 +40,7 @@ from policies.types import Candidate, RoutingDecision, RoutingRequest
 from router.accounting import Accountant, Admitted, cost_units, discounted
 from router.budget_store import FlexBudget, Usage, price_units, usd
 from router.errors import ApiError
+from router.lifecycle.billing import counterfactuals, gpu_charge
 from router.lifecycle.ports import Clock, View
 from router.lifecycle.records import DecisionRecord, RecordSink, served_estimate
 from router.metrics import RouterMetrics
@@ -338,13 +339,16 @@ class Lifecycle:
             if self.metrics is not None:
                 self.metrics.child(self.metrics.slo, out.tier, p.tenant, slo.slo_class or "none",
                                    "met" if slo_met else "missed").inc()
+        base, base_ok, nocache = counterfactuals(v.policy, p.tenant, v.baseline, p.counts, out.tier, units, prompt,
+                                                 cached, completion, f)
+        gpu = gpu_charge(self.registry, out, max(prompt - cached, 0), completion, now)
         record = Usage(
             tier=tier, instance=out.instance or "", route=p.route, status=out.status, prompt=prompt, cached=cached,
-            completion=completion, cost=units,
-            base=cost_units(v.policy.tiers[v.baseline], prompt, cached, completion, f) if units else 0,
-            nocache=cost_units(v.policy.tiers[out.tier], prompt, 0, completion, f) if out.tier else 0,
+            completion=completion, cost=units, base=base, nocache=nocache, base_ok=base_ok,
             latency_ms=(now - t0) * 1000, ttft_ms=None if first is None else (first - t0) * 1000, slo_met=slo_met,
-            at_ms=p.wall_ms or self.wall_ms(), source="backend" if usage is not None else "counted")
+            at_ms=p.wall_ms or self.wall_ms(), source="backend" if usage is not None else "counted",
+            gpu_us=gpu.us if gpu is not None else 0, gpu_src=gpu.src if gpu is not None else "",
+            slo_class=slo.slo_class or "")
         if self.accountant is not None and p.aid:
             self.accountant.settle(p.tenant, p.aid, record)
         if self.recorder is not None:

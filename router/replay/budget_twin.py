@@ -26,7 +26,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from router.budget_store import Admission, FlexBudget, Usage, parse_admission, parse_settled, parse_status
+from router.budget_store import (
+    AGG_FIELDS,
+    GPU_SOURCES,
+    Admission,
+    FlexBudget,
+    Usage,
+    parse_admission,
+    parse_settled,
+    parse_status,
+)
 
 
 def fmt(x: float) -> str:
@@ -278,8 +287,11 @@ class MemoryBudgetStore:
         h = e.data
         f = usage.fields()
         adds = [("requests", 1), ("cost", usage.cost)]
-        adds += [(k, int(float(v or 0))) for k, v in zip(f[::2], f[1::2], strict=True)
-                 if k in ("prompt", "cached", "completion", "base", "nocache", "slo_met", "slo_n")]
+        for k, raw in zip(f[::2], f[1::2], strict=True):
+            if k in AGG_FIELDS or k.startswith(("slo_met@", "slo_n@")):
+                adds.append((k, int(float(raw or 0))))
+            elif k == "gpu_src" and raw in GPU_SOURCES:
+                adds.append(("gpu_src_" + raw, 1))
         for k, v in adds:
             h[base + k] = h.get(base + k, 0) + v
         e.expires_at = now + self.retention_days * 86_400_000

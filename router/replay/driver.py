@@ -241,10 +241,12 @@ class Replay:
         for key, ve in self.engines.items():
             tier = key.partition("/")[0]
             res.busy_s[tier] = res.busy_s.get(tier, 0.0) + ve.busy_s
+            res.gpu_busy_s[tier] = res.gpu_busy_s.get(tier, 0.0) + ve.engine.stats.gpu_busy_s
         if self.gate is not None:
             res.queue, res.queue_wait = dict(self.gate.outcomes), self.gate.waited
         for tenant, sums in self.budget.all_aggregates().items():
             res.tenants_units[tenant] = sum(v for k, v in sums.items() if k.endswith("|cost"))
+            res.tenants_gpu_us[tenant] = sum(v for k, v in sums.items() if k.endswith("|gpu_us"))
         if self.progress is not None:
             self.progress(n, self.now)
 
@@ -339,6 +341,7 @@ class Replay:
             self._answered(f, t)
         f.out.usage = ApiUsage(prompt_tokens=len(sim.prompt_ids), completion_tokens=sim.n_output,
                                prompt_tokens_details={"cached_tokens": max(sim.cached_tokens, 0)})
+        f.out.gpu_s = sim.gpu_s        # the engine's exact share of its steps (backends/sim/gpu_time.py)
         self.registry.record_success(f.inst)
         released(f.inst)
         u = self.core.close_out(f.p, f.out)

@@ -37,7 +37,9 @@ def rows(runs: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
     row("requests served", lambda s: f"{s['served']:,} / {s['requests']:,}")
     row("USD per 1M tokens", lambda s: _f(s["usd_per_1m_tokens"], "{:.6f}"))
     row("USD (tokens)", lambda s: _f(s["usd"], "{:.4f}"))
-    row("USD on the baseline tier", lambda s: _f(s["baseline_usd"], "{:.4f}"))
+    row("USD on the baseline tier (where it fits)",
+        lambda s: f"{_f(s['baseline_usd'], '{:.4f}')} vs {_f(s['baseline_comparable_usd'], '{:.4f}')}, "
+                  f"{s['baseline_no_alternative']:,} no alternative")
     row("prefix cache hit", lambda s: _pct(s["cache_hit"]))
     row("makespan (virtual s)", lambda s: _f(s["makespan_s"], "{:.1f}"))
     gpu_tiers = sorted({t for s in runs.values() for t in s["gpu"]})

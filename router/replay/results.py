@@ -5,8 +5,12 @@ serving tier's prices), its TTFT (arrival to first token; a request that is not 
 answer) and TPOT (first to last token over the tokens after the first), against its class's targets.
 Summary per policy:
   usd_per_1m_tokens   billed token cost / (prompt + completion tokens) x 1e6;
+  baseline_usd        the cost on the baseline tier of the requests it could have served (their context fits,
+                      the tenant may use it: router/lifecycle/billing.py), vs their own cost
+                      (baseline_comparable_usd); baseline_no_alternative: the requests it could not serve;
   gpu_seconds         per tier with `gpu_cost_per_hour`: instances x the replay's makespan (provisioned),
-                      their busy part, and the provisioned cost;
+                      their busy part, the GPU time charged to its requests (router/chargeback.py) and the
+                      provisioned cost; tenants_gpu_s: the GPU time charged per tenant (the ledger's sums);
   slo                 per class: TTFT attainment (the share of served requests whose TTFT met the
                       target, as the live router counts it), TPOT attainment, TTFT p50 / p99;
   tiers               requests per tier, with each tier's bill (tier_usd) and prompt cache hit
@@ -52,7 +56,9 @@ class Results:
     cached: int = 0
     completion: int = 0
     cost_units: int = 0
-    base_units: int = 0
+    base_units: int = 0          # on the baseline tier, of the requests it could have served
+    base_cost_units: int = 0     # what those same requests cost
+    no_alternative: int = 0      # requests the baseline tier could not have served
     tiers: dict[str, int] = field(default_factory=dict)
     tier_units: dict[str, int] = field(default_factory=dict)                 # tier -> billed cost units
     tier_tokens: dict[str, tuple[int, int]] = field(default_factory=dict)    # tier -> (prompt, cached)
@@ -61,6 +67,9 @@ class Results:
     tenants_units: dict[str, int] = field(default_factory=dict)
     makespan_s: float = 0.0
     busy_s: dict[str, float] = field(default_factory=dict)
+    gpu_busy_s: dict[str, float] = field(default_factory=dict)       # tier -> summed step durations with work
+    gpu_us: dict[str, int] = field(default_factory=dict)             # tier -> GPU time charged to its requests
+    tenants_gpu_us: dict[str, int] = field(default_factory=dict)     # tenant -> GPU time charged (the ledger's)
     gpu: dict[str, tuple[int, float]] = field(default_factory=dict)   # tier -> (instances, usd per hour)
     queue: dict[str, int] | None = None      # admission windows on: requests by how they left the queue
     queue_wait: dict[str, list[float]] = field(default_factory=dict)   # class -> waits of its queued requests
@@ -78,8 +87,13 @@ class Results:
         self.completion += u.completion
         self.cost_units += u.cost
         self.base_units += u.base
+        if u.base_ok:
+            self.base_cost_units += u.cost
+        elif u.base_ok is False:
+            self.no_alternative += 1
         self.tiers[u.tier] = self.tiers.get(u.tier, 0) + 1
         self.tier_units[u.tier] = self.tier_units.get(u.tier, 0) + u.cost
+        self.gpu_us[u.tier] = self.gpu_us.get(u.tier, 0) + u.gpu_us
         p, k = self.tier_tokens.get(u.tier, (0, 0))
         self.tier_tokens[u.tier] = (p + u.prompt, k + u.cached)
         c = self.classes.get(slo_class)
@@ -117,12 +131,15 @@ class Results:
             provisioned = n * self.makespan_s
             gpu[tier] = {"instances": n, "provisioned_s": round(provisioned, 3),
                          "busy_s": round(self.busy_s.get(tier, 0.0), 3),
+                         "charged_s": round(self.gpu_us.get(tier, 0) / 1e6, 3),
                          "usd": round(provisioned / 3600.0 * rate, 6)}
         return {
             "requests": self.requests, "served": self.served,
             "usd": round(self.cost_units / COST_SCALE, 8),
             "usd_per_1m_tokens": round(self.cost_units / COST_SCALE / tokens * 1e6, 6) if tokens else None,
             "baseline_usd": round(self.base_units / COST_SCALE, 8),
+            "baseline_comparable_usd": round(self.base_cost_units / COST_SCALE, 8),
+            "baseline_no_alternative": self.no_alternative,
             "tokens": {"prompt": self.prompt, "cached": self.cached, "completion": self.completion},
             "cache_hit": round(self.cached / self.prompt, 6) if self.prompt else None,
             "makespan_s": round(self.makespan_s, 3),
@@ -131,6 +148,7 @@ class Results:
             "tier_usd": {t: round(self.tier_units[t] / COST_SCALE, 8) for t in sorted(self.tier_units)},
             "tier_cache_hit": {t: round(k / p, 6) if p else None for t, (p, k) in sorted(self.tier_tokens.items())},
             "tenants_usd": {t: round(self.tenants_units[t] / COST_SCALE, 8) for t in sorted(self.tenants_units)},
+            "tenants_gpu_s": {t: round(self.tenants_gpu_us[t] / 1e6, 6) for t in sorted(self.tenants_gpu_us)},
             "refused": {k: self.refused[k] for k in sorted(self.refused)},
             **({} if self.queue is None else {"queue": self._queue()}),
             **({"tenant_ttft_p99_s": self._tenant_p99()} if len({t for t, _ in self.tenant_ttft}) > 1 else {}),
