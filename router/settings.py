@@ -73,6 +73,10 @@ class Settings(msgspec.Struct, kw_only=True):
     auth_fail_burst: int = 10               # failed key checks per client address at once (router/throttle.py)
     auth_fail_per_min: float = 10.0         # ... and then per minute; past them 429 + Retry-After
     auth_fail_max_addresses: int = 10_000   # addresses remembered (LRU): bounds the throttle's memory
+    # dashboard sign-in (router/dashboard/session.py): sessions in Redis (else memory), signed cookies
+    session_secret: str | None = None       # signs session cookies; the same on every replica (None: per process)
+    session_max_age_s: int = 8 * 3600       # a session ends this long after sign-in (absolute, not sliding)
+    session_secure: bool = False            # Secure cookies (__Host- prefix): set when the dashboard is behind https
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
