@@ -34,7 +34,7 @@ def test_tokens_counts_percentages_hours() -> None:
     assert fmt.pct(2.3, 3.0) == "76.7%" and fmt.pct(1, 0) == "n/a" and fmt.pct(1, 100000) == "<0.1%"
     assert fmt.pct(-0.43, 1) == "\u221243.0%"
     assert fmt.hours(0.5) == "0.500 h" and fmt.hours(2) == "2.00 h" and fmt.hours(12.25) == "12.3 h"
-    assert fmt.hours(1234.5) == "1,234 h" and fmt.hours(0) == "0 h" and fmt.hours(0.00001) == "<0.0001 h"
+    assert fmt.hours(1234.5) == "1,235 h" and fmt.hours(0) == "0 h" and fmt.hours(0.00001) == "<0.0001 h"
 
 
 @pytest.mark.parametrize(("top", "ymax", "labels"), [

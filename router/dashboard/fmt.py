@@ -82,7 +82,7 @@ def hours(h: float) -> str:
 
 def nice_step(top: float, ticks: int = 4) -> float:
     """A round step (1, 2, 2.5 or 5 x 10^k) so that `ticks` steps reach at least `top`."""
-    if top <= 0:
+    if top <= 1e-8:             # nothing to show at the finest precision shown: a $0-$1 axis
         return 0.25
     raw = top / ticks
     mag = 10.0 ** math.floor(math.log10(raw))

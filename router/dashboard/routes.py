@@ -153,7 +153,7 @@ class Dashboard:
         if ident is None:
             return answer or redirect("/dashboard/login")
         if not ident.admin:
-            return html(pages.render("message", title="admin only", message="The fleet view needs the admin key.",
+            return html(pages.render("message", message="The fleet view needs the admin key.",
                                      **self.shell(ident, by_session, "admin only")), 403)
         try:
             fmt = choice_param(request, "format", ("html", "json", "csv"), "html")

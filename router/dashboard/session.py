@@ -60,6 +60,9 @@ def session_secret(configured: str | None) -> bytes:
 class SignedSessionBackend(ServerSideSessionBackend):
     config: SessionConfig
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> SignedSessionBackend:
+        return self         # Litestar deep-copies routers; the store (a Redis client) is shared, not copied
+
     def sign(self, sid: str) -> str:
         mac = hmac.new(self.config.secret, sid.encode(), hashlib.sha256).digest()
         return sid + "." + base64.urlsafe_b64encode(mac).decode().rstrip("=")
@@ -129,6 +132,9 @@ class SessionConfig(ServerSideSessionConfig):
 
     def get_store_from_app(self, app: Litestar) -> Store:
         return self.session_store
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SessionConfig:
+        return self
 
 
 def session_config(secret: bytes, store: Store | None, *, max_age_s: int, secure: bool,
