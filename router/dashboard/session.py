@@ -114,7 +114,7 @@ class SignedSessionBackend(ServerSideSessionBackend):
             return                              # unchanged: nothing written, the expiry stays where it was
         if sid:
             await self.delete(sid, store=store)
-        ttl = max(1, int(float(data.get("exp", 0)) - self.config.clock()))
+        ttl = max(1, round(float(data.get("exp", 0)) - self.config.clock()))
         new = secrets.token_urlsafe(32)
         await store.set(new, self.serialize_data(data, connection.scope), expires_in=ttl)
         headers.add("Set-Cookie", self._cookie(self.sign(new), ttl))
