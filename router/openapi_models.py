@@ -272,10 +272,16 @@ class UsageRow(Struct, kw_only=True):
     cached_tokens: int
     completion_tokens: int
     cost_usd: float
-    baseline_cost_usd: float
+    baseline_cost_usd: Annotated[float, Meta(description="On the baseline tier, for the requests it could serve.")]
+    baseline_requests: Annotated[int, Meta(description="Requests the baseline tier could have served.")] = 0
+    baseline_actual_cost_usd: Annotated[float, Meta(description="What those requests really cost.")] = 0.0
+    no_alternative_requests: Annotated[int, Meta(description="Requests the baseline could not serve.")] = 0
     no_cache_cost_usd: float
     slo_met: int
     slo_measured: int
+    gpu_hours: float = 0.0
+    gpu_cost_usd: Annotated[float | None, Meta(description="Where the tier has gpu_cost_per_hour.")] = None
+    slo_by_class: dict[str, dict[str, int]] = {}
 
 
 class UsageTotals(Struct, kw_only=True):
@@ -286,8 +292,19 @@ class UsageTotals(Struct, kw_only=True):
     cost_usd: float
     baseline_cost_usd: float
     no_cache_cost_usd: float
-    savings_vs_baseline_usd: float
+    savings_vs_baseline_usd: Annotated[float, Meta(
+        description="baseline_cost_usd - baseline_actual_cost_usd: over the requests the baseline could serve.")]
     savings_from_cache_usd: float
+    baseline_requests: int = 0
+    baseline_actual_cost_usd: float = 0.0
+    no_alternative_requests: int = 0
+    not_compared_requests: Annotated[int, Meta(
+        description="Recorded before the ledger counted eligibility: not compared.")] = 0
+    slo_met: int = 0
+    slo_measured: int = 0
+    slo_by_class: dict[str, dict[str, int]] = {}
+    gpu_hours: float = 0.0
+    gpu_cost_usd: float | None = None
 
 
 class UsageReport(Struct, kw_only=True):
@@ -295,6 +312,7 @@ class UsageReport(Struct, kw_only=True):
     object: Literal["usage"]
     tenant: str
     days: int
+    baseline_tier: str = ""
     data: list[UsageRow]
     totals: UsageTotals
     budget: Annotated[dict[str, Any], Meta(description="Budgets (USD) and what is spent and reserved.")]

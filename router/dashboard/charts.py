@@ -46,6 +46,13 @@ def _every(slot: float, label_w: float) -> int:
     return max(1, math.ceil((label_w + 6) / max(slot, 0.1)))
 
 
+def _xlabel(x: float, text: str, w: int) -> str:
+    """An x-axis label centred under `x`, kept inside the chart at the right edge."""
+    if x + len(text) * FONT * 0.3 > w - 2:
+        return f'<text x="{w - 2}" y="{H - 6}" text-anchor="end">{_e(text)}</text>'
+    return f'<text x="{x:.1f}" y="{H - 6}" text-anchor="middle">{_e(text)}</text>'
+
+
 def stacked_days(days: list[str], series: list[tuple[str, str]], values: dict[tuple[str, str], float],
                  label: str) -> Callable[[int], str]:
     """Stacked bars per day. `series`: (name, colour) bottom up; `values[(day, name)]` in USD."""
@@ -68,7 +75,7 @@ def stacked_days(days: list[str], series: list[tuple[str, str]], values: dict[tu
                              f'width="{slot * 0.7:.1f}" height="{bh:.1f}" fill="{colour}"><title>{_e(d)} '
                              f'{_e(name)}: {fmt.money(v)}</title></rect>')
             if (len(days) - 1 - di) % step == 0:
-                parts.append(f'<text x="{x + slot * 0.35:.1f}" y="{H - 6}" text-anchor="middle">{_e(d[5:])}</text>')
+                parts.append(_xlabel(x + slot * 0.35, d[5:], w))
         parts.append("</svg>")
         return "".join(parts)
     return draw
@@ -102,8 +109,7 @@ def burn(month_days: list[str], spent: dict[str, float], budget: float | None, t
                          f'<text x="{w - 10}" y="{ty:.1f}" text-anchor="end">budget {_e(fmt.money(budget))}</text>')
         step = max(5, _every((w - left - 8) / n, 2 * FONT * 0.6) if n else 5)
         for i in range(0, len(month_days), 7 if w < WIDE else step):
-            parts.append(f'<text x="{xy(i, 0).split(",")[0]}" y="{H - 6}" text-anchor="middle">'
-                         f'{_e(month_days[i][8:].lstrip("0"))}</text>')
+            parts.append(_xlabel(float(xy(i, 0).split(",")[0]), month_days[i][8:].lstrip("0"), w))
         parts.append("</svg>")
         return "".join(parts)
     return draw
@@ -129,7 +135,7 @@ def hbars(rows: list[HBar], label: str) -> Callable[[int], str]:
     bar, gap = 20, 12
 
     def draw(w: int) -> str:
-        chars = max(6, (w - 180) // int(FONT * 0.6 * 2))
+        chars = max(8, int(w * 0.4 / (FONT * 0.6)))
         names = [r.label if len(r.label) <= chars else r.label[:chars - 1] + "\u2026" for r in rows]
         left = _left(names)
         right = max((len(r.total) for r in rows), default=1) * FONT * 0.6 + 10

@@ -35,12 +35,14 @@ _FLEET = """{% extends "shell" %}{% block body %}
 {% if more %}<p class="note">{{ more }} more tenants in the CSV.</p>{% endif %}{{ links.daily_tenant }}</section>
 <section class="card full"><h2>Savings by tenant</h2><p class="note">Against {{ baseline }}: only requests
 {{ baseline }} could have served (its context fits, the tenant may use it). "No alternative": requests it could
-not have served, never priced.</p><table class="stack"><thead><tr><th>tenant</th><th class="n">compared</th>
+not have served, never priced. "Not compared": hours recorded before the ledger counted which requests the
+baseline could serve.</p><table class="stack"><thead><tr><th>tenant</th><th class="n">compared</th>
 <th class="n">on {{ baseline }}</th><th class="n">actual</th><th class="n">saved</th>
-<th class="n">no alternative</th><th class="n">saved by cache</th></tr></thead><tbody>
+<th class="n">no alternative</th><th class="n">not compared</th><th class="n">saved by cache</th></tr></thead><tbody>
 {% for r in savings %}<tr><td data-label="tenant">{{ r.tenant }}</td><td class="n" data-label="compared">{{ r.n }}</td>
 <td class="n" data-label="on {{ baseline }}">{{ r.base }}</td><td class="n" data-label="actual">{{ r.actual }}</td>
 <td class="n" data-label="saved">{{ r.saved }}</td><td class="n" data-label="no alternative">{{ r.na }}</td>
+<td class="n" data-label="not compared">{{ r.nc }}</td>
 <td class="n" data-label="saved by cache">{{ r.cache }}</td></tr>{% endfor %}</tbody></table>
 {{ links.savings }}</section>
 <section class="card"><h2>SLO attainment by class</h2><table class="stack"><thead><tr><th>class</th>
@@ -50,7 +52,7 @@ not have served, never priced.</p><table class="stack"><thead><tr><th>tenant</th
 {% endfor %}</tbody></table>{{ links.slo }}</section>
 <section class="card"><h2>GPU-hours by tier</h2>{{ gpu_svg }}<table class="stack"><thead><tr><th>tier</th>
 <th class="n">GPU-hours</th><th class="n">GPU cost</th></tr></thead><tbody>
-{% for r in gpu %}<tr><td data-label="tier">{{ r.key }} {{ r.tier }}</td>
+{% for r in gpu %}<tr><td data-label="tier"><span>{{ r.key }} {{ r.tier }}</span></td>
 <td class="n" data-label="GPU-hours">{{ r.h }}</td>
 <td class="n" data-label="GPU cost">{{ r.cost }}</td></tr>{% endfor %}</tbody></table>{{ links.gpu }}</section>
 <section class="card full" id="budgets"><h2>Budgets</h2><table class="stack"><thead><tr>
@@ -80,7 +82,7 @@ def links(days: int) -> dict[str, Markup]:
 
 def _of(spent: float | None, limit: float | None, used: float | None) -> str:
     if limit is None:
-        return "no budget set" if spent is None else fmt.money(spent)
+        return "no budget set" if spent is None else fmt.money(spent) + " (no budget)"
     if spent is None:
         return "unknown / " + fmt.money(limit)
     return f"{fmt.money(spent)} / {fmt.money(limit)} ({fmt.pct(used or 0.0, 1)})"
@@ -103,7 +105,8 @@ def _kpis(v: dict[str, list[dict[str, Any]]], reports: list[dict[str, Any]]) -> 
 def _saving(r: dict[str, Any]) -> dict[str, str]:
     return {"tenant": r["tenant"], "n": fmt.count(r["baseline_requests"]), "base": fmt.money(r["baseline_cost_usd"]),
             "actual": fmt.money(r["baseline_actual_cost_usd"]), "saved": fmt.signed_money(r["savings_vs_baseline_usd"]),
-            "na": fmt.count(r["no_alternative_requests"]), "cache": fmt.money(r["savings_from_cache_usd"])}
+            "na": fmt.count(r["no_alternative_requests"]), "nc": fmt.count(r["not_compared_requests"]),
+            "cache": fmt.money(r["savings_from_cache_usd"])}
 
 
 def _budget_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ budget {{ monthly }}</span>{% else %}<span>no monthly budget set</span>{% endif 
 <span>{{ key_line }} completion</span></div>
 <table class="stack"><thead><tr><th>tier</th><th class="n">requests</th><th class="n">prompt</th>
 <th class="n">cached</th><th class="n">completion</th><th class="n">spend</th></tr></thead><tbody>
-{% for r in tiers %}<tr><td data-label="tier">{{ r.key }} {{ r.name }}</td>
+{% for r in tiers %}<tr><td data-label="tier"><span>{{ r.key }} {{ r.name }}</span></td>
 <td class="n" data-label="requests">{{ r.requests }}</td><td class="n" data-label="prompt">{{ r.prompt }}</td>
 <td class="n" data-label="cached">{{ r.cached }}</td><td class="n" data-label="completion">{{ r.completion }}</td>
 <td class="n" data-label="spend">{{ r.cost }}</td></tr>{% endfor %}</tbody></table></section>
