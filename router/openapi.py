@@ -187,7 +187,7 @@ def _dashboard(text: dict[str, Any]) -> dict[str, Any]:
         "type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}}}
     see = {"description": "To the sign-in form, or the page signed in to.",
            "headers": {"Location": {"schema": {"type": "string"}}}}
-    sec = [{"session": []}, {"bearer": []}]
+    sec: list[dict[str, list[str]]] = [{"session": []}, {"bearer": []}]
     view = _query("view", {"type": "string", "enum": ["daily_tenant", "daily_tier", "top", "savings", "slo", "gpu",
                                                       "budgets"]}, "One view (required with format=csv).")
     sort = [_query("sort", {"type": "string", "enum": ["tenant", "today", "month", "used", "spend"]},

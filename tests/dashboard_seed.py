@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import string
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -86,10 +87,12 @@ LEDGER: dict[str, dict[str, dict[str, int]]] = {
 }
 
 # what the pages and reports must say
-DEMO = {"spend": "$13.55", "saved": "$2.30", "saved_pct": "76.7%", "base_n": 6, "no_alt": 9, "cache": "$2.95",
-        "cache_pct": "17.9%", "slo": "73.3%", "gpu": "2.50 h", "gpu_cost": "$9.00"}
-FLEET = {"spend": "$13.55", "saved": "$2.30", "base_n": 6, "no_alt": 12, "not_compared": 2, "cache": "$2.95",
-         "interactive": "80.0%", "batch": "60.0%", "all": "73.3%", "gpu": "2.50 h", "gpu_cost": "$9.00"}
+DEMO: dict[str, Any] = {
+    "spend": "$13.55", "saved": "$2.30", "saved_pct": "76.7%", "base_n": 6, "no_alt": 9, "cache": "$2.95",
+    "cache_pct": "17.9%", "slo": "73.3%", "gpu": "2.50 h", "gpu_cost": "$9.00"}
+FLEET: dict[str, Any] = {
+    "spend": "$13.55", "saved": "$2.30", "base_n": 6, "no_alt": 12, "not_compared": 2, "cache": "$2.95",
+    "interactive": "80.0%", "batch": "60.0%", "all": "73.3%", "gpu": "2.50 h", "gpu_cost": "$9.00"}
 
 
 def seed_day(today: dt.date) -> dt.date:
@@ -106,5 +109,5 @@ async def seed(r: aioredis.Redis, tag: str, today: dt.date | None = None) -> Non
     day = seed_day(today or dt.datetime.now(dt.UTC).date())
     for tenant in LEDGER:
         key = f"{store_tag(f'{tenant}-{tag}')}:agg:{day:%Y%m%d}"
-        await r.hset(key, mapping=aggregates(tenant, day))  # type: ignore[arg-type]
+        await r.hset(key, mapping=dict(aggregates(tenant, day)))  # type: ignore[misc]
         await r.expire(key, 3600)

@@ -58,6 +58,15 @@ def same_origin(request: Request[Any, Any, Any]) -> bool:
     return origin is None or urlsplit(origin).netloc == request.headers.get("host", "")
 
 
+def form_identity(body: bytes, keys: KeyIndex) -> tuple[Identity | None, bool]:
+    """(whose key the sign-in form carries, whether it carried one). Kept apart so that the key is no local of
+    the handler (a traceback printed with its locals shows no key)."""
+    if len(body) > MAX_FORM_BYTES:
+        return None, True
+    key = (parse_qs(body.decode("utf-8", "replace"), max_num_fields=8).get("key") or [""])[0].strip()
+    return (keys.identify(key), True) if key else (None, False)
+
+
 class Dashboard:
     def __init__(self, current: Callable[[], tuple[Policy, KeyIndex]], source: UsageSource, guard: FailureThrottle,
                  sessions: SessionConfig) -> None:
@@ -180,14 +189,11 @@ class Dashboard:
             self.log.info("dashboard_sign_in", outcome="throttled", client=host)
             return html(page(f"Too many failed sign-ins from this address: try again in {wait} s.", self.max_age()),
                         429, {"Retry-After": str(wait)})
-        body = await request.body()
-        fields = parse_qs(body[:MAX_FORM_BYTES].decode("utf-8", "replace"), max_num_fields=8)
-        key = (fields.get("key") or [""])[0].strip()
-        ident = keys.identify(key) if len(body) <= MAX_FORM_BYTES else None
+        ident, sent = form_identity(await request.body(), keys)    # the key never becomes a local here
         if ident is None:
-            self.guard.fail_if_sent(host, key or None)
-            self.log.info("dashboard_sign_in", outcome="invalid_key" if key else "no_key", client=host)
-            return html(page("That key was not recognised." if key else "Enter an API key.", self.max_age()), 401)
+            self.guard.fail_if_sent(host, "sent" if sent else None)
+            self.log.info("dashboard_sign_in", outcome="invalid_key" if sent else "no_key", client=host)
+            return html(page("That key was not recognised." if sent else "Enter an API key.", self.max_age()), 401)
         now = self.clock()
         request.set_session({"sub": ident.digest, "iat": now, "exp": now + self.max_age()})
         self.log.info("dashboard_sign_in", outcome="ok", role="admin" if ident.admin else "tenant",
