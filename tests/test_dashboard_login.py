@@ -5,11 +5,13 @@ cookies never reach the logs; HTTP Basic is refused."""
 from __future__ import annotations
 
 import base64
+from datetime import timedelta
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from litestar import Litestar
+from litestar.stores.memory import MemoryStore
 
 from policies.schema import Policy
 from router.auth import KeyIndex, hash_key
@@ -145,3 +147,36 @@ async def test_secure_cookies_behind_https(redis: aioredis.Redis) -> None:
     async with asgi_client(asgi_app(policy(tag), BudgetStore(redis), [0.0], secure=True)) as c:
         ok = await c.post("/dashboard/login", data={"key": keys(tag)["demo"]})
         assert cookie_of(ok).startswith("__Host-tiergate_session=") and "secure" in attributes(ok)
+
+
+class FlakyStore(MemoryStore):
+    """A session store that can be made to fail (Redis away)."""
+
+    broken = False
+
+    async def get(self, key: str, renew_for: int | timedelta | None = None) -> bytes | None:
+        if self.broken:
+            raise ConnectionError("store away")
+        return await super().get(key, renew_for)
+
+    async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None) -> None:
+        if self.broken:
+            raise ConnectionError("store away")
+        await super().set(key, value, expires_in)
+
+
+async def test_a_session_store_outage_signs_out_instead_of_failing(redis: aioredis.Redis) -> None:
+    tag = letters_tag()
+    pol = policy(tag)
+    store = FlakyStore()
+    sessions = session_config(b"s", store, max_age_s=600, secure=False)
+    app = Litestar(route_handlers=[dashboard_router(lambda: (pol, KeyIndex(pol)), UsageSource(BudgetStore(redis)),
+                                                    FailureThrottle(), sessions)])
+    async with asgi_client(app) as c:
+        ok = await c.post("/dashboard/login", data={"key": keys(tag)["demo"]})
+        jar = {"cookie": cookie_of(ok)}
+        store.broken = True
+        page = await c.get("/dashboard", headers=jar)
+        assert page.status_code == 303 and page.headers["location"] == "/dashboard/login"
+        again = await c.post("/dashboard/login", data={"key": keys(tag)["demo"]})
+        assert again.status_code == 303 and "set-cookie" not in again.headers

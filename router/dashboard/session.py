@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from litestar.stores.base import Store
     from litestar.types import Message, ScopeSession
 
+_log = get_logger("tiergate.dashboard")
 _LOADED = "tiergate.session"        # scope key: (id, data) as loaded, to tell a changed session from an unchanged one
 
 
@@ -80,7 +81,11 @@ class SignedSessionBackend(ServerSideSessionBackend):
         sid = self.verified(connection.cookies.get(self.config.key))
         if sid is None:
             return {}
-        raw = await self.get(sid, store=self.config.get_store_from_app(connection.scope["app"]))
+        try:
+            raw = await self.get(sid, store=self.config.get_store_from_app(connection.scope["app"]))
+        except Exception as exc:        # the store (Redis) away: signed out for now, not a 500
+            _log.warning("session_store_unavailable", op="get", error=type(exc).__name__)
+            return {}
         if raw is None:
             return {}
         data = self.deserialize_data(raw)
@@ -100,6 +105,13 @@ class SignedSessionBackend(ServerSideSessionBackend):
 
     async def store_in_message(self, scope_session: ScopeSession, message: Message,
                                connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        try:
+            await self._store(scope_session, message, connection)
+        except Exception as exc:        # the store away: no cookie is set (a sign-in shows the form again)
+            _log.warning("session_store_unavailable", op="set", error=type(exc).__name__)
+
+    async def _store(self, scope_session: ScopeSession, message: Message,
+                     connection: ASGIConnection[Any, Any, Any, Any]) -> None:
         sid, loaded = cast("dict[str, Any]", connection.scope).get(_LOADED) or ("", {})
         store = self.config.get_store_from_app(connection.scope["app"])
         headers = MutableScopeHeaders.from_message(message)
