@@ -29,6 +29,7 @@ METRICS = ("requests", "prompt", "cached", "completion", "cost", "base", "base_n
            "nocache", "slo_met", "slo_n", "gpu_us", "gpu_src_engine", "gpu_src_sim", "gpu_src_throughput")
 PER_CLASS = ("slo_met@", "slo_n@")   # `slo_met@<class>`, `slo_n@<class>`
 GPU_US_PER_HOUR = 3.6e9
+GPU_SOURCES = ("engine", "sim", "throughput")   # how a request's GPU time was measured (`gpu_src_<source>`)
 
 
 def _known(metric: str) -> bool:
@@ -86,6 +87,7 @@ def _row(day: str, tier: str, m: dict[str, int], per_hour: float | None) -> dict
             "baseline_actual_cost_usd": _money(m["base_cost"]), "no_alternative_requests": m["base_na"],
             "no_cache_cost_usd": _money(m["nocache"]), "slo_met": m["slo_met"], "slo_measured": m["slo_n"],
             "gpu_hours": gpu_h, "gpu_cost_usd": gpu_usd,
+            "gpu_measured": {s: m.get("gpu_src_" + s, 0) for s in GPU_SOURCES},
             "slo_by_class": {c[len("slo_n@"):]: {"met": m.get("slo_met@" + c[len("slo_n@"):], 0), "measured": v}
                              for c, v in sorted(m.items()) if c.startswith("slo_n@") and v > 0}}
 

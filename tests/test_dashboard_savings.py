@@ -73,6 +73,8 @@ async def test_usage_fleet_json_csv_and_pages_show_exact_figures(redis: aioredis
             {"interactive": (8, 10), "batch": (3, 5), "(all)": (11, 15)}
         assert {r["tier"]: (r["gpu_hours"], r["gpu_cost_usd"]) for r in every["gpu"]} == \
             {"fast": (0.5, 1.0), "balanced": (0.0, None), "long": (2.0, 8.0)}
+        assert {r["tier"]: (r["measured_engine"], r["measured_sim"]) for r in every["gpu"]} == \
+            {"fast": (10, 0), "balanced": (0, 0), "long": (0, 5)}
         assert [r["tenant"].rsplit("-", 1)[0] for r in every["top"]] == ["demo", "legacy", "fastonly"]
         states = {r["tenant"].rsplit("-", 1)[0]: r["state"] for r in every["budgets"]}
         assert states == {"demo": "ok", "fastonly": "no budget", "legacy": "ok"}
@@ -96,7 +98,7 @@ async def test_usage_fleet_json_csv_and_pages_show_exact_figures(redis: aioredis
         fleet = await c.get("/dashboard/admin", headers=admin)
         ftext = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", fleet.text))
         for figure in (FLEET["spend"], FLEET["saved"], FLEET["cache"], FLEET["interactive"], FLEET["batch"],
-                       FLEET["gpu"], FLEET["gpu_cost"]):
+                       FLEET["gpu"], FLEET["gpu_cost"], "engine 10", "sim 5"):
             assert figure in ftext, figure
         assert f"no alternative: {FLEET['no_alt']} requests" in ftext
         assert not SCI.search(ftext) and not SCI.search(text)

@@ -15,7 +15,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from router.usage import cell
+from router.usage import GPU_SOURCES, cell
 
 VIEWS = ("daily_tenant", "daily_tier", "top", "savings", "slo", "gpu", "budgets")
 BUDGET_SORTS = ("tenant", "today", "month", "used", "spend")
@@ -89,12 +89,16 @@ def slo(reports: list[dict[str, Any]], classes: list[str]) -> list[dict[str, Any
 
 
 def gpu(reports: list[dict[str, Any]], per_hour: Mapping[str, float | None], tiers: list[str]) -> list[dict[str, Any]]:
-    acc: dict[str, dict[str, Any]] = {t: {"tier": t, "requests": 0, "gpu_hours": 0.0} for t in tiers}
+    def empty(t: str) -> dict[str, Any]:
+        return {"tier": t, "requests": 0, "gpu_hours": 0.0, **{"measured_" + s: 0 for s in GPU_SOURCES}}
+    acc = {t: empty(t) for t in tiers}
     for rep in reports:
         for row in rep["data"]:
-            a = acc.setdefault(row["tier"], {"tier": row["tier"], "requests": 0, "gpu_hours": 0.0})
+            a = acc.setdefault(row["tier"], empty(row["tier"]))
             a["requests"] += row["requests"]
             a["gpu_hours"] = round(a["gpu_hours"] + row["gpu_hours"], 9)
+            for s in GPU_SOURCES:
+                a["measured_" + s] += row.get("gpu_measured", {}).get(s, 0)
     for a in acc.values():
         price = per_hour.get(a["tier"])
         a["gpu_cost_per_hour"] = price

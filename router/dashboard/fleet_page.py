@@ -51,10 +51,11 @@ baseline could serve.</p><table class="stack"><thead><tr><th>tenant</th><th clas
 <td class="n" data-label="measured">{{ r.n }}</td><td class="n" data-label="attainment">{{ r.pct }}</td></tr>
 {% endfor %}</tbody></table>{{ links.slo }}</section>
 <section class="card"><h2>GPU-hours by tier</h2>{{ gpu_svg }}<table class="stack"><thead><tr><th>tier</th>
-<th class="n">GPU-hours</th><th class="n">GPU cost</th></tr></thead><tbody>
+<th class="n">GPU-hours</th><th class="n">GPU cost</th><th class="n">measured by</th></tr></thead><tbody>
 {% for r in gpu %}<tr><td data-label="tier"><span>{{ r.key }} {{ r.tier }}</span></td>
 <td class="n" data-label="GPU-hours">{{ r.h }}</td>
-<td class="n" data-label="GPU cost">{{ r.cost }}</td></tr>{% endfor %}</tbody></table>{{ links.gpu }}</section>
+<td class="n" data-label="GPU cost">{{ r.cost }}</td>
+<td class="n" data-label="measured by">{{ r.src }}</td></tr>{% endfor %}</tbody></table>{{ links.gpu }}</section>
 <section class="card full" id="budgets"><h2>Budgets</h2><table class="stack"><thead><tr>
 {% for h in budget_heads %}<th{% if h.n %} class="n"{% endif %}>{% if h.href %}<a href="{{ h.href }}">{{ h.label }}</a>
 {% else %}{{ h.label }}{% endif %}</th>{% endfor %}</tr></thead><tbody>
@@ -100,6 +101,12 @@ def _kpis(v: dict[str, list[dict[str, Any]]], reports: list[dict[str, Any]]) -> 
             "slo": fmt.pct(every["met"], every["measured"]), "slo_n": fmt.count(every["measured"]),
             "gpu": fmt.hours(gpu_h), "gpu_cost": (fmt.money(sum(priced)) + " where tiers have a GPU price")
             if priced else "no tier has a GPU price"}
+
+
+def _sources(r: dict[str, Any]) -> str:
+    """How the tier's GPU time was measured: request counts by source (the engine, the simulator, throughput)."""
+    parts = [f"{s} {fmt.count(r['measured_' + s])}" for s in ("engine", "sim", "throughput") if r["measured_" + s]]
+    return " · ".join(parts) or "not measured"
 
 
 def _saving(r: dict[str, Any]) -> dict[str, str]:
@@ -159,6 +166,7 @@ def fleet_page(v: dict[str, list[dict[str, Any]]], reports: list[dict[str, Any]]
               "pct": fmt.pct(r["met"], r["measured"])} for r in v["slo"]],
         gpu_svg=charts.both(charts.hbars(gpu_bars, "GPU-hours by tier")),
         gpu=[{"tier": r["tier"], "key": key(col.get(r["tier"], "#7f7f7f")), "h": fmt.hours(r["gpu_hours"]),
-              "cost": "no GPU price" if r["gpu_cost_usd"] is None else fmt.money(r["gpu_cost_usd"])} for r in v["gpu"]],
+              "cost": "no GPU price" if r["gpu_cost_usd"] is None else fmt.money(r["gpu_cost_usd"]),
+              "src": _sources(r)} for r in v["gpu"]],
         budget_heads=_heads(sort, desc, days),
         budgets=_budget_rows(fleet.sort_budgets(v["budgets"], sort, desc)))
