@@ -117,8 +117,8 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
                 guard.fail_if_sent(client_host(request), auth)
                 raise ApiError(401, "missing or invalid API key", code="invalid_api_key")
             days = int_param(request, "days", 1, 400, 30)
-            return reply([await source.tenant(policy, tenant, days)], choice_param(request, "format", ("json", "csv"),
-                                                                                   "json"), True)
+            fmt = choice_param(request, "format", ("json", "csv"), "json")
+            return reply([await source.tenant(policy, tenant, days)], fmt, True)
         except ApiError as exc:
             return err(exc)
 
@@ -131,8 +131,8 @@ def usage_handlers(current: Callable[[], tuple[Policy, KeyIndex]], accountant: A
             if wanted is not None and wanted not in policy.tenants:
                 raise ApiError(404, f"unknown tenant '{wanted}'", param="tenant", code="tenant_not_found")
             days = int_param(request, "days", 1, 400, 30)
-            reports = await source.tenants(policy, [wanted] if wanted else list(policy.tenants), days)
-            return reply(reports, choice_param(request, "format", ("json", "csv"), "json"), False)
+            fmt = choice_param(request, "format", ("json", "csv"), "json")
+            return reply(await source.tenants(policy, [wanted] if wanted else list(policy.tenants), days), fmt, False)
         except ApiError as exc:
             return err(exc)
 

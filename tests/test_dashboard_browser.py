@@ -206,6 +206,7 @@ def pages_at(drv: webdriver.Chrome, base: str, width: int) -> dict[str, dict[str
     drv.get(base + f"/dashboard?tenant=fastonly-{TAG}")
     out["fastonly"] = looked_at(drv, f"fastonly-{width}")
     sign_out(drv)
+    out["console"] = {"errors": [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]}
     return out
 
 
@@ -237,6 +238,7 @@ async def test_pages_fit_read_and_show_exact_figures_at_1280_and_390(redis: aior
 
         seen = await asyncio.to_thread(run)
     for width, pages in seen.items():
+        assert pages.pop("console")["errors"] == [], width          # no CSP violation, no failed load
         for name, page in pages.items():
             check(page, width, name)
         tenant = re.sub(r"\s+", " ", pages["tenant"]["text"])
