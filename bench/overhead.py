@@ -134,7 +134,10 @@ def policy_text(fake_url: str, windows: bool) -> str:
     return text
 
 
-async def bench_client(kind: str, fake_url: str, seconds: float, windows: bool = False) -> dict[str, object]:
+async def bench_client(kind: str, fake_url: str, seconds: float, windows: bool = False, tracing: str = "off",
+                       skip_long: bool = False) -> dict[str, object]:
+    """`tracing`: off; otlp (TIERGATE_TRACING=otlp, exported to the fake backend, which answers 200); or
+    base (tracing off, the router from the checkout at BENCH_BASE_TREE: an earlier commit, for A/B)."""
     port = free_port()
     tmp = Path(tempfile.mkdtemp())
     pol = tmp / "policy.yaml"
@@ -148,9 +151,17 @@ async def bench_client(kind: str, fake_url: str, seconds: float, windows: bool =
         "TIERGATE_REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
         "TIERGATE_DATA_DIR": str(tmp),
     }
+    tree = ROOT
+    if tracing == "otlp":
+        env.update({"TIERGATE_TRACING": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": fake_url + "/v1/traces"})
+    elif tracing == "base":
+        tree = Path(os.environ.get("BENCH_BASE_TREE", ""))
+        if not (tree / "router" / "cli.py").exists():
+            raise SystemExit("--tracing base needs BENCH_BASE_TREE=<a checkout of an earlier commit>")
+        env["PYTHONPATH"] = str(tree)
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
         ["taskset", "-c", "0", sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
-        cwd=ROOT,
+        cwd=tree,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -161,7 +172,8 @@ async def bench_client(kind: str, fake_url: str, seconds: float, windows: bool =
         direct = fake_url + "/v1/chat/completions"
         auth = {"authorization": f"Bearer {KEY}"}
         await load(router, SHORT % b"short", 8, 1.0, False, auth)  # warm up
-        res: dict[str, object] = {"client": kind + (" windows on" if windows else "")}
+        res: dict[str, object] = {"client": kind + (" windows on" if windows else "")
+                                  + ("" if tracing == "off" else f" tracing {tracing}")}
         for conc in (1, 16, 64):
             d = await load(direct, SHORT % b"m", conc, seconds, False, {})
             c0 = cpu_seconds(proc.pid)
@@ -178,6 +190,10 @@ async def bench_client(kind: str, fake_url: str, seconds: float, windows: bool =
         d = await load(direct, STREAM % b"m", 16, seconds, True, {})
         r = await load(router, STREAM % b"short", 16, seconds, True, auth)
         res["stream_c16"] = {"added_ttft_p50": pct(r, 50) - pct(d, 50), "added_ttft_p99": pct(r, 99) - pct(d, 99)}
+        if skip_long:
+            res.update(long_256k_added_ms=float("nan"), short_p99_alone=float("nan"),
+                       short_p99_with_256k=float("nan"), long_prompts_during=0)
+            return res
         big_r = long_body(256_000) % b"long"
         big_d = long_body(256_000) % b"m"
         dl = [await one(direct, big_d, {}) for _ in range(3)]
@@ -210,6 +226,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", default="aiohttp,httpx")
     ap.add_argument("--windows", default="off", help="off, on, or off,on (both, in one run)")
+    ap.add_argument("--tracing", default="off", help="comma list of off, otlp, base (BENCH_BASE_TREE's router, "
+                    "tracing off): each a router of its own in this run, for A/B")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole variant list, interleaved")
+    ap.add_argument("--skip-long", action="store_true", help="skip the 256K-token prompt measurements")
     args = ap.parse_args()
     modes = [m == "on" for m in args.windows.split(",")]
     os.sched_setaffinity(0, {1})
@@ -218,8 +238,9 @@ def main() -> None:
     try:
         wait_http(f"http://127.0.0.1:{fport}/health")
         results = [
-            asyncio.run(bench_client(k, f"http://127.0.0.1:{fport}", args.seconds, w))
-            for k in args.clients.split(",") for w in modes
+            asyncio.run(bench_client(k, f"http://127.0.0.1:{fport}", args.seconds, w, t, args.skip_long))
+            for _ in range(args.rounds) for k in args.clients.split(",") for w in modes
+            for t in args.tracing.split(",")
         ]
     finally:
         fake.terminate()

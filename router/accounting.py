@@ -200,7 +200,8 @@ class Accountant:
                 if adm.left_units is not None:
                     self.left[tenant] = adm.left_units
                     period = "daily" if daily is not None and (monthly is None or daily <= monthly) else "monthly"
-                    self.metrics.child(self.metrics.budget_remaining, tenant, period).set(usd(adm.left_units))
+                    cap = daily if period == "daily" else monthly
+                    self.metrics.budget_left(tenant, period, usd(adm.left_units), None if cap is None else usd(cap))
             self.metrics.child(self.metrics.admissions, tenant, "admitted").inc()
             return Admitted(adm.granted, ratelimit_headers(spec, adm.window_requests, adm.window_tokens,
                                                            self.clock()))
@@ -218,7 +219,8 @@ class Accountant:
                            headers={"Retry-After": str(retry), **headers})
         self.metrics.child(self.metrics.admissions, tenant, "budget_exceeded").inc()
         left = usd(adm.left_units or 0)
-        self.metrics.child(self.metrics.budget_remaining, tenant, adm.detail).set(left)
+        cap = daily if adm.detail == "daily" else monthly
+        self.metrics.budget_left(tenant, adm.detail, left, None if cap is None else usd(cap))
         raise ApiError(429, f"{adm.detail} budget exceeded: ${left:.6f} left, less than this request's worst-case "
                             "cost (prompt + max_tokens at the tier's prices); lower max_tokens or wait for the "
                             "next period", code="insufficient_quota", type="insufficient_quota",

@@ -44,7 +44,7 @@ from router.kv_events import kv_subscribers
 from router.limits import RequestLimits
 from router.live_policy import PolicyReloader, PolicyView, build_view
 from router.load_sync import LoadSync
-from router.logs import get_logger
+from router.logs import bind_request, get_logger
 from router.metrics import RouterMetrics, instance_gauges_forever, tenant_labeler, write_instance_gauges
 from router.model_list import model_list, warn_anonymous
 from router.openapi import openapi_handlers
@@ -251,7 +251,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         return render(exc.status, exc.body(), {"x-request-id": request_id, **exc.headers})
 
     async def serve(kind: str, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-        rid = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:128]
+        rid = bind_request(request.headers.get("x-request-id"))   # on every line logged in this request
         raw = b""
         try:  # the size is checked before anything else: 413 before reading when Content-Length says so
             raw = await limits.read(request.receive, request.headers.get("content-length"), gw.view)
@@ -369,7 +369,7 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
         openapi_config=None,  # our own document and offline docs page: router/openapi.py
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         request_max_body_size=settings.max_body_bytes,
-        debug=False,
+        debug=False, logging_config=None,  # stdlib logging is router/logs.py's (JSON lines)
     )
 
 

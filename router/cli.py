@@ -55,6 +55,7 @@ def _server(settings: Settings, app: Litestar, drain: DrainController) -> Draini
 
     return DrainingServer(uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", log_level="warning",
+        log_config=None,   # no dictConfig of uvicorn's: its loggers propagate to router/logs.py's JSON handler
         http=protocol_class(HttpLimits.from_settings(settings)),  # httptools + header/body limits
         timeout_keep_alive=settings.http_keep_alive_timeout_s,
         limit_concurrency=settings.http_limit_concurrency or None,

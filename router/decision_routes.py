@@ -17,7 +17,6 @@ the stream holds none, 409 when decision records are off, 503 when Redis does no
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +29,7 @@ from router.errors import ApiError
 from router.gateway import Gateway
 from router.limits import RequestLimits
 from router.live_policy import PolicyView
-from router.logs import get_logger
+from router.logs import bind_request, get_logger
 from router.throttle import FailureThrottle
 
 __all__ = ["decision_handlers", "dry_run_kind"]
@@ -103,7 +102,7 @@ def decision_handlers(gw: Gateway, limits: RequestLimits, throttle: FailureThrot
 
     @post("/v1/route", status_code=200, summary="Dry-run: the routing decision for a request, not sent")
     async def route(request: Request[Any, Any, Any]) -> Response[bytes]:
-        rid = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:128]
+        rid = bind_request(request.headers.get("x-request-id"))
         raw = b""
         v = gw.view
         tenant: str | None = None

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                1.0, 2.5)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
 
@@ -72,6 +74,12 @@ class RouterMetrics:
                             ["tier", "tenant"], registry=r)
         self.ttft = Histogram("tiergate_ttft_seconds", "Time to first byte from upstream, as the client sees it.",
                               ["tier"], buckets=LAT_BUCKETS, registry=r)
+        self.first_token = Histogram("tiergate_first_token_seconds", "Time to the first content token, as the "
+                                     "client sees it (a response not streamed: its body).", ["tier", "slo_class"],
+                                     buckets=LAT_BUCKETS, registry=r)
+        self.tpot = Histogram("tiergate_tpot_seconds", "Time per output token after the first, as the client sees "
+                              "it: (end - first token) / (completion tokens - 1), once per served stream of two "
+                              "tokens or more.", ["tier", "slo_class"], buckets=TPOT_BUCKETS, registry=r)
         self.latency = Histogram("tiergate_request_seconds", "Whole request latency.", ["tier"],
                                  buckets=LAT_BUCKETS, registry=r)
         self.overhead = Histogram("tiergate_router_overhead_seconds",
@@ -102,6 +110,9 @@ class RouterMetrics:
         self.budget_remaining = Gauge("tiergate_budget_remaining_usd", "Budget left in the current period, as of "
                                       "the last admission.", ["tenant", "period"], registry=r,
                                 multiprocess_mode="livemostrecent")
+        self.budget_limit = Gauge("tiergate_budget_limit_usd", "The budget of the period (beside "
+                                  "tiergate_budget_remaining_usd, as of the last admission).", ["tenant", "period"],
+                                  registry=r, multiprocess_mode="livemostrecent")
         self.settlements = Counter("tiergate_settlements", "Settlements by how they landed (open, expired, orphan, "
                                    "dup, journaled).", ["result"], registry=r)
         self.journal_pending = Gauge("tiergate_usage_journal_pending", "Usage records waiting in the local journal "
@@ -204,8 +215,9 @@ class RouterMetrics:
         self.tenant_label = tenant_label or (lambda tenant: tenant)
         # where each metric labelled by tenant has its tenant label (every tenant-labelled write goes via child)
         self._tenant_at = {id(self.requests): 1, id(self.tokens): 1, id(self.cost): 1, id(self.slo): 1,
-                           id(self.admissions): 0, id(self.budget_remaining): 0, id(self.swept): 0}
-        self._dropped = {id(self.budget_remaining)} if redacted else set()
+                           id(self.admissions): 0, id(self.budget_remaining): 0, id(self.swept): 0,
+                           id(self.budget_limit): 0}
+        self._dropped = {id(self.budget_remaining), id(self.budget_limit)} if redacted else set()
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: label lookup costs more than the increment itself. A tenant
@@ -224,7 +236,10 @@ class RouterMetrics:
         return c
 
     def request_done(self, tier: str, tenant: str, route: str, status: int, prompt: int, cached: int,
-                     completion: int, cost: float, overhead: float, latency: float, ttft: float | None) -> None:
+                     completion: int, cost: float, overhead: float, latency: float, ttft: float | None,
+                     first_token: float | None = None, tpot: float | None = None, slo_class: str = "none") -> None:
+        """One closed-out request; times in seconds (`ttft`: the first byte; `first_token`: the first content
+        token; `tpot`: per output token after it)."""
         child = self.child
         child(self.requests, tier, tenant, route, str(status)).inc()
         if tier == "none":
@@ -237,6 +252,16 @@ class RouterMetrics:
         child(self.latency, tier).observe(latency)
         if ttft is not None:
             child(self.ttft, tier).observe(ttft)
+        if first_token is not None:
+            child(self.first_token, tier, slo_class).observe(first_token)
+        if tpot is not None:
+            child(self.tpot, tier, slo_class).observe(tpot)
+
+    def budget_left(self, tenant: str, period: str, left_usd: float, limit_usd: float | None) -> None:
+        """A tenant's budget as of an admission: what is left of the period's, and the period's budget."""
+        self.child(self.budget_remaining, tenant, period).set(left_usd)
+        if limit_usd is not None:
+            self.child(self.budget_limit, tenant, period).set(limit_usd)
 
     def upstream_fault(self, tier: str, instance: str, kind: str) -> None:
         """The forwarder's fault hook (router/relay.py `Relay.on_fault`)."""

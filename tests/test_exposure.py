@@ -91,12 +91,14 @@ async def test_tenant_names_stay_out_of_metric_labels(mode: str, redis_url: str)
     if mode == "hash":
         assert tenant_series(metrics) == {*hashed.values(), "unknown"}
         assert f'tiergate_budget_remaining_usd{{period="daily",tenant="{hashed["a"]}"}}' in metrics
+        assert f'tiergate_budget_limit_usd{{period="daily",tenant="{hashed["a"]}"}} 1.0' in metrics  # the budget
         assert f'tiergate_requests_total{{route="none",status="404",tenant="{hashed["a"]}",tier="none"}} 1.0' \
             in metrics
     else:
         assert tenant_series(metrics) == {"redacted", "unknown"}
         assert 'tiergate_requests_total{route="chat",status="200",tenant="redacted",tier="fast"} 2.0' in metrics
         assert "tiergate_budget_remaining_usd{" not in metrics              # a per-tenant gauge, not summable
+        assert "tiergate_budget_limit_usd{" not in metrics
     assert 'tenant="unknown"' in metrics                                # the 401, before any tenant was known
 
 

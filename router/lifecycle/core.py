@@ -354,16 +354,20 @@ class Lifecycle:
 
     def _report(self, p: Pending, out: Outcome, u: Usage, now: float) -> None:
         t0, cost = p.t0, usd(u.cost)
-        if self.metrics is not None:
+        tpot = (now - out.first_token_at) * 1000 / (u.completion - 1) \
+            if out.first_token_at is not None and u.completion > 1 and out.status == 200 else None
+        if self.metrics is not None:   # the first token: a stream's, or a served body's (all its tokens at once)
+            seen = u.ttft_ms is not None and (out.first_token_at is not None or out.status == 200)
+            first = u.ttft_ms / 1000 if seen and u.ttft_ms is not None else None
             self.metrics.request_done(out.tier if out.tier is not None else "none", p.tenant, p.route, out.status,
                                       u.prompt, u.cached, u.completion, cost, p.overhead, now - t0,
-                                      None if out.first_byte_at is None else out.first_byte_at - t0)
+                                      None if out.first_byte_at is None else out.first_byte_at - t0,
+                                      first_token=first, tpot=None if tpot is None else tpot / 1000,
+                                      slo_class=p.rreq.slo_class or "none")
         if self.log is None and self.records is None:
             return
         decision = p.decision
         est = served_estimate(decision, out.tier, out.instance)
-        tpot = (now - out.first_token_at) * 1000 / (u.completion - 1) \
-            if out.first_token_at is not None and u.completion > 1 and out.status == 200 else None
         if self.records is not None:
             self.records.write(DecisionRecord(
                 request_id=p.rid, at_ms=u.at_ms, tenant=p.tenant, route=p.route, slo_class=p.rreq.slo_class,
