@@ -85,6 +85,10 @@ async def test_usage_fleet_json_csv_and_pages_show_exact_figures(redis: aioredis
         assert {(r["tier"], r["cost_usd"], r["gpu_hours"]) for r in table} == \
             {("fast", "1.20200365", "0.5"), ("long", "12.3456", "2")}
         assert (await c.get("/admin/fleet", params={"format": "csv"}, headers=admin)).status_code == 400
+        page_csv = await c.get("/dashboard/admin", params={"view": "budgets", "format": "csv", "sort": "tenant",
+                                                          "dir": "asc"}, headers=admin)   # the page's own links
+        assert [r["tenant"].rsplit("-", 1)[0] for r in csv.DictReader(io.StringIO(page_csv.text))] == \
+            ["demo", "fastonly", "legacy"]
         assert (await c.get("/admin/fleet", headers={"authorization": f"Bearer {k['demo']}"})).status_code == 403
 
         page = await c.get("/dashboard", headers={"authorization": f"Bearer {k['demo']}"})
