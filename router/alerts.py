@@ -32,8 +32,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from policies.alerts_spec import thresholds_for
 from policies.schema import Policy
 from router.alert_webhook import Alert, WebhookSender, check_webhook
@@ -42,6 +40,7 @@ from router.budget_store import COST_SCALE, tag, usd
 from router.logs import get_logger
 from router.metrics import RouterMetrics
 from router.redis_batch import Call, pipelined
+from router.redis_pool import RedisClient, register
 from router.settings import Settings
 
 # KEYS: b (the budget counters, router/budget_lua.py), alerts prefix ('{tg:<tenant>}:alerts').
@@ -94,7 +93,7 @@ def _s(x: Any) -> str:
 
 
 class BudgetAlerts:
-    def __init__(self, redis: aioredis.Redis, metrics: RouterMetrics, policy: Callable[[], Policy], *,
+    def __init__(self, redis: RedisClient, metrics: RouterMetrics, policy: Callable[[], Policy], *,
                  sender: WebhookSender | None = None, clock_ms: Callable[[], int] | None = None,
                  sweep_s: float = 60.0, retry_s: float = 1.0, timeout_s: float = 1.0) -> None:
         self.redis = redis
@@ -108,12 +107,12 @@ class BudgetAlerts:
         self.dirty: set[str] = set()   # tenants to check
         self.wake = asyncio.Event()
         self.store_ok = True
-        self._script: Any = redis.register_script(ALERT)
+        self._script: Any = register(redis, ALERT)   # either client type (router/redis_pool.py)
         self._for: tuple[Policy | None, dict[str, list[Target]]] = (None, {})
         self.log = get_logger("tiergate.alerts")
 
     @classmethod
-    def from_settings(cls, settings: Settings, redis: aioredis.Redis, metrics: RouterMetrics,
+    def from_settings(cls, settings: Settings, redis: RedisClient, metrics: RouterMetrics,
                       policy: Callable[[], Policy]) -> BudgetAlerts:
         """ValueError for a webhook URL that is not http(s), or one without its signing secret."""
         check_webhook(settings.alert_webhook_url, settings.alert_webhook_secret)

@@ -30,6 +30,8 @@ from router.admission.window_store import WindowStore
 from router.affinity_store import AffinityStore, Breaker
 from router.alerts import BudgetAlerts
 from router.budget_store import BudgetStore
+from router.dashboard.routes import dashboard_router
+from router.dashboard.session import sessions_from_settings
 from router.deadlines import Deadlines
 from router.decision_records import RedisDecisionRecords
 from router.decision_routes import decision_handlers
@@ -52,7 +54,7 @@ from router.settings import Settings
 from router.shadow import Shadow
 from router.throttle import FailureThrottle
 from router.tracing import Tracing
-from router.usage_routes import usage_handlers
+from router.usage_routes import UsageSource, usage_handlers
 
 _enc = msgspec.json.Encoder()
 T = TypeVar("T")
@@ -367,6 +369,8 @@ def create_app(settings: Settings, *, policy: Policy | None = None, upstream: Up
     return Litestar(
         route_handlers=[chat, completions, models, health, ready, prom, reload_policy,
                         *usage_handlers(lambda: (gw.view.policy, gw.view.keys), accountant, throttle=throttle),
+                        dashboard_router(lambda: (gw.view.policy, gw.view.keys), UsageSource(accountant.store),
+                                         throttle, sessions_from_settings(settings, store)),   # router/dashboard/
                         *decision_handlers(gw, limits, throttle, records),
                         *openapi_handlers()],
         lifespan=[lifespan],

@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
 from policies.schema import Policy
 
@@ -32,6 +33,15 @@ def bearer_or_basic(authorization: str | None) -> str | None:
             return None
         return user_pass.partition(":")[2] or None
     return None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a key (or a session holding its digest) is: the admin, or one tenant."""
+
+    admin: bool
+    tenant: str | None
+    digest: str             # the key's SHA-256 (what a dashboard session keeps; never the key)
 
 
 class KeyIndex:
@@ -69,6 +79,21 @@ class KeyIndex:
             return None
         stored, tenant = hit
         return tenant if hmac.compare_digest(stored, digest) else None
+
+    def identify_digest(self, digest: str) -> Identity | None:
+        """The admin or tenant whose key has this SHA-256 digest, compared in constant time."""
+        admin = False
+        for h in self._admin:
+            admin |= hmac.compare_digest(h, digest)
+        if admin:
+            return Identity(True, None, digest)
+        hit = self._by_hash.get(digest)
+        if hit is not None and hmac.compare_digest(hit[0], digest):
+            return Identity(False, hit[1], digest)
+        return None
+
+    def identify(self, key: str) -> Identity | None:
+        return self.identify_digest(hash_key(key)) if key else None
 
     def resolve(self, authorization: str | None) -> str | None:
         """The tenant for an API request: the key's, else the anonymous tenant where the policy has one

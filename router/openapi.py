@@ -163,13 +163,7 @@ def _paths() -> dict[str, Any]:
         "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["Operations"], "security": _PUBLIC,
                              "responses": {"200": {"description": "Prometheus text format 0.0.4.",
                                                    "content": text}}}},
-        "/dashboard": {"get": {
-            "summary": "Cost dashboard (HTML); browsers sign in with HTTP Basic, the key as password",
-            "tags": ["Usage"], "security": [{"bearer": []}, {"basic": []}], "parameters": [_DAYS, _TENANT],
-            "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
-                          "401": {"description": "Sign in.", "content": text,
-                                  "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
-                          **_errors(400, 404, 503)}}},
+        **_dashboard(text),
         "/dashboard.css": _asset("The dashboard's stylesheet", "text/css"),
         "/favicon.svg": _asset("The icon", "image/svg+xml"),
         "/favicon.ico": _asset("The icon (SVG)", "image/svg+xml"),
@@ -183,6 +177,54 @@ def _paths() -> dict[str, Any]:
                             "schema": {"type": "string", "enum": sorted(_ASSETS)}}],
             "responses": {"200": {"description": "The file.", "content": {"*/*": {"schema": {"type": "string"}}}},
                           **_errors(404)}}},
+    }
+
+
+def _dashboard(text: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard's pages (router/dashboard/routes.py): HTML for browsers, a session or a bearer key."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    form = {"application/x-www-form-urlencoded": {"schema": {
+        "type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}}}
+    see = {"description": "To the sign-in form, or the page signed in to.",
+           "headers": {"Location": {"schema": {"type": "string"}}}}
+    sec: list[dict[str, list[str]]] = [{"session": []}, {"bearer": []}]
+    view = _query("view", {"type": "string", "enum": ["daily_tenant", "daily_tier", "top", "savings", "slo", "gpu",
+                                                      "budgets"]}, "One view (required with format=csv).")
+    sort = [_query("sort", {"type": "string", "enum": ["tenant", "today", "month", "used", "spend"]},
+                   "The budget table's order."), _query("dir", {"type": "string", "enum": ["asc", "desc"]}, "")]
+    fleet_fmt = _query("format", {"type": "string", "enum": ["html", "json", "csv"], "default": "html"}, "")
+    data = {_JSON: {"schema": {"type": "object"}}, **_CSV}
+    return {
+        "/dashboard": {"get": {
+            "summary": "A tenant's cost page (HTML); the admin names one with ?tenant=", "tags": ["Usage"],
+            "security": sec, "parameters": [_DAYS, _TENANT],
+            "responses": {"200": {"description": "The page.", "content": html}, "303": see,
+                          "401": {"description": "A wrong key (HTTP Basic is refused).", "content": text},
+                          **_errors(400, 404, 429, 503)}}},
+        "/dashboard/admin": {"get": {
+            "summary": "The fleet (admin): spend by day, tenant and tier, top tenants, savings, SLO attainment, "
+                       "GPU-hours, budgets", "tags": ["Admin"], "security": sec,
+            "parameters": [_DAYS, fleet_fmt, view, *sort],
+            "responses": {"200": {"description": "The page, or a view's data.", "content": {**html, **data}},
+                          "303": see, "401": {"description": "A wrong key.", "content": text},
+                          "403": {"description": "Not the admin.", "content": html}, **_errors(400, 429, 503)}}},
+        "/admin/fleet": {"get": {
+            "summary": "The fleet views as JSON or CSV (admin key)", "tags": ["Admin"], "security": _BEARER,
+            "parameters": [_DAYS, _FORMAT, view, *sort],
+            "responses": {"200": {"description": "Every view, or one.", "content": data},
+                          **_errors(400, 401, 403, 429, 503)}}},
+        "/dashboard/login": {
+            "get": {"summary": "The sign-in form", "tags": ["Usage"], "security": _PUBLIC,
+                    "responses": {"200": {"description": "The form.", "content": html}, "303": see}},
+            "post": {"summary": "Sign in: a key for a session cookie (8 h)", "tags": ["Usage"], "security": _PUBLIC,
+                     "requestBody": {"required": True, "content": form},
+                     "responses": {"303": {**see, "description": "Signed in (Set-Cookie)."},
+                                   **{str(c): {"description": d, "content": html} for c, d in (
+                                       (401, "A wrong key."), (403, "Sent from another site."),
+                                       (429, "Too many failed key checks from this address."))}}}},
+        "/dashboard/logout": {"post": {
+            "summary": "Sign out (ends the session)", "tags": ["Usage"], "security": sec,
+            "responses": {"303": see, "403": {"description": "Sent from another site.", "content": html}}}},
     }
 
 
@@ -228,7 +270,9 @@ def document() -> dict[str, Any]:
             "schemas": schema_components(),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from the policy file."},
-                "basic": {"type": "http", "scheme": "basic", "description": "Any user name; the key as password."}},
+                "session": {"type": "apiKey", "in": "cookie", "name": "tiergate_session",
+                            "description": "The dashboard's session cookie, from POST /dashboard/login "
+                                           "(`__Host-tiergate_session` behind https)."}},
             "headers": {
                 "x-request-id": {"description": "The request's id (the client's, else a new one).",
                                  "schema": {"type": "string"}},

@@ -272,18 +272,18 @@ class UsageRow(Struct, kw_only=True):
     cached_tokens: int
     completion_tokens: int
     cost_usd: float
-    baseline_cost_usd: Annotated[float, Meta(description="On the baseline tier, of the requests it could have served.")]
+    baseline_cost_usd: Annotated[float, Meta(description="On the baseline tier, for the requests it could serve.")]
+    baseline_requests: Annotated[int, Meta(description="Requests the baseline tier could have served.")] = 0
+    baseline_actual_cost_usd: Annotated[float, Meta(description="What those requests really cost.")] = 0.0
+    no_alternative_requests: Annotated[int, Meta(description="Requests the baseline could not serve.")] = 0
     no_cache_cost_usd: float
-    baseline_requests: int
-    no_alternative_requests: Annotated[int, Meta(description="Requests the baseline tier could not have served.")]
-    baseline_comparable_cost_usd: Annotated[float, Meta(description="The actual cost of the baseline_requests.")]
     slo_met: int
     slo_measured: int
-    slo_by_class: dict[str, dict[str, int]]
-    gpu_hours: Annotated[float, Meta(description="GPU time charged (router/chargeback.py).")]
-    gpu_cost_usd: Annotated[float | None, Meta(description="gpu_hours x the tier's gpu_cost_per_hour; null: none.")]
+    gpu_hours: float = 0.0
+    gpu_cost_usd: Annotated[float | None, Meta(description="Where the tier has gpu_cost_per_hour.")] = None
     gpu_source_requests: Annotated[dict[str, int], Meta(description="Requests charged from each input: engine, "
-                                                        "sim, throughput (an estimate).")]
+                                                        "sim, throughput (an estimate).")] = {}
+    slo_by_class: dict[str, dict[str, int]] = {}
 
 
 class UsageTotals(Struct, kw_only=True):
@@ -294,15 +294,20 @@ class UsageTotals(Struct, kw_only=True):
     cost_usd: float
     baseline_cost_usd: float
     no_cache_cost_usd: float
-    baseline_requests: int
-    no_alternative_requests: int
-    baseline_comparable_cost_usd: float
-    savings_vs_baseline_usd: Annotated[float, Meta(description="baseline_cost_usd - baseline_comparable_cost_usd.")]
+    savings_vs_baseline_usd: Annotated[float, Meta(
+        description="baseline_cost_usd - baseline_actual_cost_usd: over the requests the baseline could serve.")]
     savings_from_cache_usd: float
-    slo_by_class: dict[str, dict[str, int]]
-    gpu_hours: float
-    gpu_cost_usd: float | None
-    gpu_source_requests: dict[str, int]
+    baseline_requests: int = 0
+    baseline_actual_cost_usd: float = 0.0
+    no_alternative_requests: int = 0
+    not_compared_requests: Annotated[int, Meta(
+        description="Recorded before the ledger counted eligibility: not compared.")] = 0
+    slo_met: int = 0
+    slo_measured: int = 0
+    slo_by_class: dict[str, dict[str, int]] = {}
+    gpu_hours: float = 0.0
+    gpu_cost_usd: float | None = None
+    gpu_source_requests: dict[str, int] = {}
 
 
 class UsageReport(Struct, kw_only=True):
@@ -310,6 +315,7 @@ class UsageReport(Struct, kw_only=True):
     object: Literal["usage"]
     tenant: str
     days: int
+    baseline_tier: str = ""
     data: list[UsageRow]
     totals: UsageTotals
     budget: Annotated[dict[str, Any], Meta(description="Budgets (USD) and what is spent and reserved.")]

@@ -83,6 +83,10 @@ class Settings(msgspec.Struct, kw_only=True):
     alert_webhook_attempts: int = 5          # tries per alert (connect errors, timeouts, 5xx and 429 are retried)
     alert_webhook_backoff_s: float = 2.0     # first retry delay, doubled each time, with jitter (capped at 30 s)
     alert_webhook_timeout_s: float = 10.0    # one attempt
+    # dashboard sign-in (router/dashboard/session.py): sessions in Redis (else memory), signed cookies
+    session_secret: str | None = None       # signs session cookies; the same on every replica (None: per process)
+    session_max_age_s: int = 8 * 3600       # a session ends this long after sign-in (absolute, not sliding)
+    session_secure: bool = False            # Secure cookies (__Host- prefix): set when the dashboard is behind https
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -1,8 +1,9 @@
 """Throttle for failed key checks, per client address: a token bucket of allowed failures.
 
 Where: the endpoints whose keys a person chooses or types, so that an online guess is worth throttling:
-`/admin/usage`, `POST /admin/policy/reload`, `/v1/usage`, `/dashboard` (HTTP Basic) and `/metrics` when it
-needs a token. One throttle serves them all, so guesses spread over endpoints share one allowance.
+`/admin/usage`, `/admin/fleet`, `POST /admin/policy/reload`, `/v1/usage`, the dashboard (its sign-in form
+and bearer keys on its pages) and `/metrics` when it needs a token. One throttle serves them all, so guesses
+spread over endpoints share one allowance.
 
 Algorithm: each address has a bucket of `burst` failures that refills at `per_min` failures a minute. A key
 check that fails (an Authorization header was sent and matched no key) takes one from the bucket. While the

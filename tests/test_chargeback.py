@@ -158,22 +158,22 @@ async def test_savings_count_only_requests_the_baseline_could_serve(redis: aiore
     for tenant, rid, u in ((demo, "r1", r1), (demo, "r2", r2), (fast_only, "r3", r3)):
         assert await store.settle(tenant, rid, u) == "orphan"
     rep = report(demo, await store.aggregates(demo, 1, day), 1, day, {},
-                 {"fast": 2.0, "long": None, "balanced": 1.0})
+                 gpu_per_hour={"fast": 2.0, "long": None, "balanced": 1.0})
     t = rep["totals"]
     assert t["cost_usd"] == 0.000062 + 0.0132              # fast: 800 x .05 + 200 x .01 + 100 x .2; long
     assert t["baseline_cost_usd"] == 0.000186               # 800 x .15 + 200 x .03 + 100 x .6, r1 only
-    assert t["baseline_comparable_cost_usd"] == 0.000062
+    assert t["baseline_actual_cost_usd"] == 0.000062
     assert t["savings_vs_baseline_usd"] == 0.000124
     assert (t["baseline_requests"], t["no_alternative_requests"]) == (1, 1)
     assert t["no_cache_cost_usd"] == 0.00007 + 0.0132       # r1 uncached: 1000 x .05 + 100 x .2
     assert t["savings_from_cache_usd"] == 0.000008
     assert t["gpu_hours"] == 1.5 and t["gpu_cost_usd"] == 2.0   # long has no gpu_cost_per_hour: fast's only
     assert t["gpu_source_requests"] == {"engine": 0, "sim": 1, "throughput": 1}
-    assert t["slo_by_class"] == {"interactive": {"slo_met": 1, "slo_measured": 2}}
+    assert t["slo_by_class"] == {"interactive": {"met": 1, "measured": 2}}
     rows = {r["tier"]: r for r in rep["data"]}
     assert (rows["fast"]["gpu_cost_usd"], rows["long"]["gpu_cost_usd"]) == (2.0, None)
     lines = to_csv([rep]).splitlines()
-    assert lines[0].endswith("baseline_requests,no_alternative_requests,baseline_comparable_cost_usd,gpu_hours,"
+    assert lines[0].endswith("baseline_requests,no_alternative_requests,baseline_actual_cost_usd,gpu_hours,"
                              "gpu_cost_usd")
     assert lines[1].endswith(",1,0,0.000062,1,2") and lines[2].endswith(",0,1,0,0.5,")
     other = report(fast_only, await store.aggregates(fast_only, 1, day), 1, day, {})["totals"]
