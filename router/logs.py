@@ -142,8 +142,11 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
+        lg.disabled = False   # a dictConfig elsewhere may have disabled it
         if name in _CHATTY:   # a line per upstream request and probe at INFO: only with level=debug
             lg.setLevel(max(lvl, logging.WARNING) if lvl > logging.DEBUG else lvl)
+        else:                 # the root's level (another configuration may have set its own)
+            lg.setLevel(logging.NOTSET)
     logging.captureWarnings(True)   # warnings.warn -> the py.warnings logger, as JSON
     sys.excepthook = _uncaught
     threading.excepthook = _uncaught_in_thread

@@ -60,7 +60,7 @@ def same_origin(request: Request[Any, Any, Any]) -> bool:
 
 def form_identity(body: bytes, keys: KeyIndex) -> tuple[Identity | None, bool]:
     """(whose key the sign-in form carries, whether it carried one). Kept apart so that the key is no local of
-    the handler (a traceback printed with its locals shows no key)."""
+    the handler (a traceback printed with its locals shows no key). ValueError: more than 8 form fields."""
     if len(body) > MAX_FORM_BYTES:
         return None, True
     key = (parse_qs(body.decode("utf-8", "replace"), max_num_fields=8).get("key") or [""])[0].strip()
@@ -189,7 +189,11 @@ class Dashboard:
             self.log.info("dashboard_sign_in", outcome="throttled", client=host)
             return html(page(f"Too many failed sign-ins from this address: try again in {wait} s.", self.max_age()),
                         429, {"Retry-After": str(wait)})
-        ident, sent = form_identity(await request.body(), keys)    # the key never becomes a local here
+        try:
+            ident, sent = form_identity(await request.body(), keys)    # the key never becomes a local here
+        except ValueError:   # more fields than a sign-in form has: refused before anything else is read
+            self.guard.fail_if_sent(host, "sent")
+            return html(page("The sign-in form carries one field, 'key'.", self.max_age()), 400)
         if ident is None:
             self.guard.fail_if_sent(host, "sent" if sent else None)
             self.log.info("dashboard_sign_in", outcome="invalid_key" if sent else "no_key", client=host)
