@@ -125,6 +125,7 @@ class Forwarder(Relay):
         `on_dispatch(cand)`: called as each attempt is sent (the gateway records the prompt's prefix
         there, so the next request with that prefix finds it while this one is still queued or prefilling)."""
         tries = _Tries(on_dispatch=on_dispatch, propagate=propagate)
+        ranked = self._present(ranked, out)
         try:
             for cand in ranked[: self.max_attempts]:
                 inst = self._usable(cand, tries, out)
@@ -149,6 +150,22 @@ class Forwarder(Relay):
             if not tries.refused:   # failures held pending: the request was served elsewhere, or went nowhere
                 for inst, _ in tries.suspects:
                     self.count_failure(inst)
+
+    def _present(self, ranked: list[Candidate], out: Outcome) -> list[Candidate]:
+        """`ranked` as decided, unless a policy reload or DNS discovery removed some of its instances between
+        the decision and now: those leave the list, and their tiers' current instances that serve and were
+        not ranked follow it, least loaded first, so a request caught by the swap is served, not refused."""
+        find = self.registry.find
+        if all(find(c.tier, c.instance_id) is not None for c in ranked):
+            return ranked
+        kept = [c for c in ranked if find(c.tier, c.instance_id) is not None]
+        out.failed.extend(f"{c.key}: removed (a policy reload or DNS discovery)" for c in ranked if c not in kept)
+        keys = {c.key for c in kept}
+        tiers = tuple(dict.fromkeys(c.tier for c in ranked))
+        now = self.registry.clock()
+        extra = [c for c in self.registry.candidates(tiers) if c.key not in keys
+                 and (i := find(c.tier, c.instance_id)) is not None and i.serving(now)]
+        return kept + sorted(extra, key=lambda c: c.in_flight)
 
     def _usable(self, cand: Candidate, tries: _Tries, out: Outcome) -> InstanceState | None:
         if cand.max_model_len <= tries.too_long:
