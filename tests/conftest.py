@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,25 +21,17 @@ from policies.schema import InstanceSpec, Policy
 from router.affinity_store import AffinityStore
 from router.app import create_app
 from router.settings import Settings
+from tests.redis_servers import redis_up
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_KEY = "sk-tiergate-demo"
 FAST_ONLY_KEY = "sk-tiergate-fastonly"
 
 
-def _redis_up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The machine's Redis when it runs, else a private valkey-server. Never a fake."""
-    if _redis_up(6379):
+    if redis_up(6379):
         yield "redis://127.0.0.1:6379/15"
         return
     server = EmbeddedValkey(tmp_path_factory.mktemp("valkey"))

@@ -44,7 +44,8 @@ def cli(port: int, *args: str, timeout: float = 10.0) -> str:
     return out.stdout + out.stderr
 
 
-def _up(port: int) -> bool:
+def redis_up(port: int) -> bool:
+    """A Redis-protocol server answers PING on this loopback port."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.3) as s:
             s.sendall(b"PING\r\n")
@@ -84,7 +85,7 @@ class Servers:
                 "--protected-mode", "no", "--logfile", str(d / "log"), "--repl-diskless-sync-delay", "0", *args]
         self.procs[port] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             start_new_session=True)
-        wait_for(lambda: _up(port), 10, f"redis-server on {port}")
+        wait_for(lambda: redis_up(port), 10, f"redis-server on {port}")
 
     def kill(self, port: int) -> None:
         """SIGKILL the server on `port` (its process group): a crash, no shutdown."""
