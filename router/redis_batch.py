@@ -81,6 +81,11 @@ class MicroBatcher(Generic[T]):
         self._lock = asyncio.Lock()
         self.log = get_logger("tiergate.redis_batch")
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no flush in flight: the next `put` goes out at once."""
+        return not self.queue and not self._lock.locked()
+
     def put(self, item: T) -> bool:
         """Queue `item` for the next flush; False (nothing queued) when the queue is full."""
         q = self.queue

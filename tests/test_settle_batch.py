@@ -62,13 +62,20 @@ async def flushing(batch: MicroBatcher[Any]) -> AsyncIterator[None]:
             await task
 
 
+def accountant(url: str, tmp_path: Path, tag: str, timeout_s: float = 5.0
+               ) -> tuple[Any, BudgetStore, RouterMetrics, Accountant]:
+    """A Redis client, its budget store, metrics, and an accountant over them with a journal in `tmp_path`."""
+    client = make_redis(url, 1.0)
+    store, metrics = BudgetStore(client), RouterMetrics()
+    return client, store, metrics, Accountant(policy(tag), store, Journal(tmp_path / "j"), metrics,
+                                              settle_timeout_s=timeout_s)
+
+
 async def test_concurrent_settlements_land_exactly_once_in_fewer_round_trips(redis_url: str,
                                                                               tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:6]
     tenant = f"capped-{tag}"
-    client = make_redis(redis_url, 1.0)
-    store, metrics = BudgetStore(client), RouterMetrics()
-    acct = Accountant(policy(tag), store, Journal(tmp_path / "j"), metrics, settle_timeout_s=5.0)
+    client, store, metrics, acct = accountant(redis_url, tmp_path, tag)
     n, opened = 200, 50
     try:
         for i in range(opened):   # these settle an open reservation, the rest are orphans
@@ -100,17 +107,15 @@ async def test_a_lone_settlement_goes_out_at_once(redis_url: str, tmp_path: Path
     """With an hour-long window, a settlement on an idle queue is billed: it waited for no window."""
     tag = uuid.uuid4().hex[:6]
     tenant = f"free-{tag}"
-    client = make_redis(redis_url, 1.0)
-    store = BudgetStore(client)
-    acct = Accountant(policy(tag), store, Journal(tmp_path / "j"), RouterMetrics(), settle_timeout_s=5.0)
+    client, store, _, acct = accountant(redis_url, tmp_path, tag)
     acct.batch.window_s = HOUR
     try:
         async with flushing(acct.batch):
             for k in range(3):
                 acct.settle(tenant, f"lone{k}", usage(7))
 
-                async def lone_billed() -> bool:
-                    return f"lone{k}" in await billed(store, tenant)  # noqa: B023 (awaited in this turn)
+                async def lone_billed() -> bool:   # billed, and its flush over: the next one comes to an idle queue
+                    return f"lone{k}" in await billed(store, tenant) and acct.batch.idle  # noqa: B023
                 await wait_for(lone_billed, 10)
         b = acct.batch
         assert (b.flushes, b.items, b.windowed) == (3, 3, 0)
@@ -160,9 +165,7 @@ async def test_under_load_the_window_collects_until_max_batch() -> None:
 async def test_drain_flushes_what_is_queued_without_a_flusher(redis_url: str, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:6]
     tenant = f"free-{tag}"
-    client = make_redis(redis_url, 1.0)
-    store = BudgetStore(client)
-    acct = Accountant(policy(tag), store, Journal(tmp_path / "j"), RouterMetrics(), settle_timeout_s=5.0)
+    client, store, _, acct = accountant(redis_url, tmp_path, tag)
     try:
         for i in range(150):
             acct.settle(tenant, f"d{i}", usage(i + 1))
@@ -187,9 +190,7 @@ async def test_a_failed_flush_journals_every_item_and_the_replay_bills_each_once
     valkey.start()
     assert valkey.proc is not None
     proc, pid = valkey.proc, valkey.proc.pid
-    client = make_redis(valkey.url, 1.0)
-    store, metrics = BudgetStore(client), RouterMetrics()
-    acct = Accountant(policy(tag), store, Journal(tmp_path / "j"), metrics, settle_timeout_s=0.5)
+    client, store, metrics, acct = accountant(valkey.url, tmp_path, tag, timeout_s=0.5)
     n = 40
     try:
         for i in range(n // 2):
